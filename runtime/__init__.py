@@ -1,0 +1,38 @@
+"""kimchi-edge runtime: load a model bundle and classify images.
+
+Light by design: numpy, Pillow and ONNX Runtime only (TensorRT inside its backend); never torch or
+fastai, never unpickles anything.
+"""
+
+from .errors import (
+    BundleError,
+    DataError,
+    GateFailed,
+    ImageTooLargeError,
+    InvalidInputError,
+    KimchiEdgeError,
+    MissingDependencyError,
+    UsageError,
+)
+from .manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, read_manifest
+from .preprocess import Preprocessor, decode_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Artifact",
+    "BundleError",
+    "BundleManifest",
+    "DataError",
+    "GateFailed",
+    "ImageTooLargeError",
+    "InvalidInputError",
+    "KimchiEdgeError",
+    "MissingDependencyError",
+    "ModelMeta",
+    "Preprocessing",
+    "Preprocessor",
+    "UsageError",
+    "decode_image",
+    "read_manifest",
+]
