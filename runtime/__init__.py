@@ -4,6 +4,7 @@ Light by design: numpy, Pillow and ONNX Runtime only (TensorRT inside its backen
 fastai, never unpickles anything.
 """
 
+from .classifier import Classifier, Prediction
 from .errors import (
     BundleError,
     DataError,
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Artifact",
+    "Classifier",
+    "Prediction",
     "BundleError",
     "BundleManifest",
     "DataError",

@@ -1,0 +1,102 @@
+"""Inference backends behind one small protocol, chosen by name from a registry.
+
+A backend takes a ``uint8`` batch in the bundle's layout and returns float32 logits ``(N, classes)``.
+``auto`` picks TensorRT when an engine in the bundle is compatible with what is installed, and ONNX
+Runtime otherwise, and says which (``Classifier.info``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import UsageError
+from ..manifest import Artifact, BundleManifest
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class Backend(Protocol):
+    """What every backend offers: load in the constructor, ``infer``, ``close``; a context manager."""
+
+    name: str
+    artifact: Artifact
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - protocol
+        """Run one ``uint8`` batch and return float32 logits ``(N, classes)``."""
+
+    def info(self) -> dict[str, Any]:  # pragma: no cover - protocol
+        """What is really in use: backend, provider(s), artifact, precision."""
+
+    def close(self) -> None:  # pragma: no cover - protocol
+        """Release the session/engine."""
+
+
+def create_backend(
+    name: str,
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    *,
+    artifact: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> tuple[Backend, list[str]]:
+    """Create the backend ``name`` and return it with the notes explaining the choice.
+
+    Args:
+        name: ``"auto"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        bundle_dir: the bundle folder.
+        manifest: its manifest.
+        artifact: force one artifact by name (e.g. ``"onnx-int8"``).
+        precision: prefer ``"fp32"``, ``"fp16"`` or ``"int8"`` among the candidates.
+        threads: CPU threads for ONNX Runtime (default: all cores).
+        providers: force ONNX Runtime execution providers.
+
+    Returns:
+        ``(backend, notes)`` where ``notes`` are human sentences such as a TensorRT fallback reason.
+    """
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    notes: list[str] = []
+    if name in ("auto", "tensorrt"):
+        from .tensorrt_backend import TensorRTUnavailable, create_tensorrt_backend
+
+        try:
+            return create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision), notes
+        except TensorRTUnavailable as exc:
+            if name == "tensorrt":
+                raise
+            notes.append(f"TensorRT not used: {exc}; falling back to ONNX Runtime")
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision)
+    return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=providers), notes
+
+
+def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None) -> Artifact:
+    """Pick the ONNX artifact: the user's choice, else the manifest's recommendation, else FP32."""
+    from ..errors import BundleError
+
+    onnx = [a for a in manifest.artifacts if a.format == "onnx"]
+    if artifact:
+        art = manifest.artifact(artifact)
+        if art.format != "onnx":
+            raise UsageError(f"artifact {artifact!r} is {art.format}, not ONNX; ONNX artifacts: {[a.name for a in onnx]}")
+        return art
+    if not onnx:
+        raise BundleError(f"bundle has no ONNX artifact (has {[a.name for a in manifest.artifacts]}); re-run kimchi-edge convert")
+    if precision:
+        for a in onnx:
+            if a.precision == precision:
+                return a
+        raise UsageError(f"bundle has no ONNX artifact in {precision}; it has {[(a.name, a.precision) for a in onnx]}")
+    rec = manifest.recommended.get("onnxruntime")
+    if rec:
+        return manifest.artifact(rec)
+    for a in onnx:
+        if a.precision == "fp32":
+            return a
+    return onnx[0]
