@@ -10,9 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import create_backend
-from .errors import BundleError, InvalidInputError, UsageError
-from .fsutil import sha256_file
-from .manifest import Artifact, BundleManifest, read_manifest
+from .errors import InvalidInputError, UsageError
+from .manifest import BundleManifest, read_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
 
 
@@ -48,19 +47,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def verify_artifact(bundle_dir: Path, art: Artifact) -> None:
-    """Refuse an artifact whose bytes differ from what the manifest recorded."""
-    path = Path(bundle_dir) / art.file
-    if not path.is_file():
-        raise BundleError(f"bundle artifact {art.name!r} is missing its file {art.file}")
-    actual = sha256_file(path)
-    if actual != art.sha256:
-        raise BundleError(
-            f"{art.file} has been modified: SHA-256 {actual[:12]}… but the manifest says {art.sha256[:12]}…; "
-            "re-run kimchi-edge convert (or build-engine) to regenerate it"
-        )
 
 
 class Classifier:
@@ -112,14 +98,9 @@ class Classifier:
         bundle_dir = Path(path)
         manifest = read_manifest(bundle_dir)
         be, notes = create_backend(
-            backend, bundle_dir, manifest, artifact=artifact, precision=precision, threads=threads, providers=providers
+            backend, bundle_dir, manifest, artifact=artifact, precision=precision, threads=threads,
+            providers=providers, verify=verify,
         )
-        if verify:
-            try:
-                verify_artifact(bundle_dir, be.artifact)
-            except BundleError:
-                be.close()
-                raise
         pre = Preprocessor(manifest.preprocessing, max_pixels=max_pixels, fast_decode=fast_decode)
         return cls(bundle_dir, manifest, be, pre, notes)
 

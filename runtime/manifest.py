@@ -228,3 +228,22 @@ def read_model_meta(path: str | Path) -> ModelMeta:
     from .fsutil import read_json
 
     return model_meta_from_dict(read_json(path))
+
+
+def verify_artifact(bundle_dir: str | Path, art: Artifact) -> None:
+    """Refuse an artifact whose bytes differ from what the manifest recorded (checked before loading).
+
+    Raises:
+        BundleError: the file is missing or its SHA-256 differs.
+    """
+    from .fsutil import sha256_file
+
+    path = Path(bundle_dir) / art.file
+    if not path.is_file():
+        raise BundleError(f"bundle artifact {art.name!r} is missing its file {art.file}")
+    actual = sha256_file(path)
+    if actual != art.sha256:
+        raise BundleError(
+            f"{art.file} has been modified: SHA-256 {actual[:12]}... but the manifest says {art.sha256[:12]}...; "
+            "re-run kimchi-edge convert (or build-engine) to regenerate it"
+        )

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import UsageError
-from ..manifest import Artifact, BundleManifest
+from ..manifest import Artifact, BundleManifest, verify_artifact
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -43,6 +43,7 @@ def create_backend(
     precision: str | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
+    verify: bool = True,
 ) -> tuple[Backend, list[str]]:
     """Create the backend ``name`` and return it with the notes explaining the choice.
 
@@ -54,6 +55,7 @@ def create_backend(
         precision: prefer ``"fp32"``, ``"fp16"`` or ``"int8"`` among the candidates.
         threads: CPU threads for ONNX Runtime (default: all cores).
         providers: force ONNX Runtime execution providers.
+        verify: check the chosen artifact's SHA-256 against the manifest before loading it.
 
     Returns:
         ``(backend, notes)`` where ``notes`` are human sentences such as a TensorRT fallback reason.
@@ -65,7 +67,7 @@ def create_backend(
         from .tensorrt_backend import TensorRTUnavailable, create_tensorrt_backend
 
         try:
-            return create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision), notes
+            return create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision, verify=verify), notes
         except TensorRTUnavailable as exc:
             if name == "tensorrt":
                 raise
@@ -73,6 +75,8 @@ def create_backend(
     from .onnxruntime_backend import OnnxRuntimeBackend
 
     art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision)
+    if verify:
+        verify_artifact(bundle_dir, art)
     return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=providers), notes
 
 

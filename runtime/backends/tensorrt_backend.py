@@ -16,7 +16,7 @@ class TensorRTUnavailable(KimchiEdgeError):
     """TensorRT cannot be used for this bundle here; the message says why and how to fix it."""
 
 
-def create_tensorrt_backend(bundle_dir: Path, manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None):
+def create_tensorrt_backend(bundle_dir: Path, manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None, verify: bool = True):
     """Return a TensorRT backend for a compatible engine of the bundle, or raise TensorRTUnavailable."""
     engines = [a for a in manifest.artifacts if a.format == "tensorrt"]
     if artifact:

@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+``color_bundle`` is a small but real bundle: an ONNX graph (built with ``onnx.helper``, no torch) that
+classifies an image by its mean colour into three Korean-named classes.  It lets runtime, server and
+demo tests run in seconds with real ONNX Runtime sessions and predictable answers.  The end-to-end
+fixtures that train a fastai learner live in ``tests/train`` and ``tests/convert``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.fsutil import sha256_file
+from runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, write_manifest
+
+COLOR_LABELS = ("빨강 red", "초록 green", "파랑 blue")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def food10_root() -> Path | None:
+    """``$KIMCHI_EDGE_FOOD10`` or ``../shared/data/food10`` when present (never copied into the repo)."""
+    env = os.environ.get("KIMCHI_EDGE_FOOD10")
+    root = Path(env) if env else REPO.parent / "shared" / "data" / "food10"
+    return root if (root / "valid").is_dir() else None
+
+
+def make_color_onnx(path: Path, size: int = 32) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.eye(3, dtype=np.float32) * 10.0
+    b = np.zeros(3, dtype=np.float32)
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "scale"], ["x"]),
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("Sub", ["m", "center"], ["c"]),
+        helper.make_node("MatMul", ["c", "W"], ["z"]),
+        helper.make_node("Add", ["z", "B"], ["logits"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "center"),
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(b, "B"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "color",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def make_color_bundle(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    make_color_onnx(folder / "model.onnx")
+    pre = Preprocessing(height=32, width=32, resize_height=40, resize_width=40, batch_resize=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    meta = ModelMeta(labels=COLOR_LABELS, architecture="mean-colour", preprocessing=pre)
+    art = Artifact(
+        name="onnx-fp32", file="model.onnx", format="onnx", precision="fp32",
+        sha256=sha256_file(folder / "model.onnx"), size_bytes=(folder / "model.onnx").stat().st_size,
+    )
+    write_manifest(folder, BundleManifest(model=meta, artifacts=(art,), recommended={"onnxruntime": "onnx-fp32"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def color_bundle(tmp_path_factory) -> Path:
+    """A real ONNX bundle classifying by mean colour into ``COLOR_LABELS``."""
+    return make_color_bundle(tmp_path_factory.mktemp("color_bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def food10() -> Path:
+    root = food10_root()
+    if root is None:
+        pytest.skip("food10 not found: set KIMCHI_EDGE_FOOD10 or place it at ../shared/data/food10")
+    return root
+
+
+def solid_image(rgb: tuple[int, int, int], size: tuple[int, int] = (64, 48)):
+    from PIL import Image
+
+    return Image.new("RGB", size, rgb)
