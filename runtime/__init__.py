@@ -6,6 +6,7 @@ fastai, never unpickles anything.
 
 from .classifier import Classifier, Prediction
 from .errors import (
+    BackendError,
     BundleError,
     DataError,
     GateFailed,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Artifact",
+    "BackendError",
     "Classifier",
     "Prediction",
     "BundleError",

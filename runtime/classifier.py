@@ -62,6 +62,7 @@ class Classifier:
         self.preprocessor = preprocessor
         self.notes = notes
         self.labels = list(manifest.labels)
+        self.load_ms = 0.0
 
     @classmethod
     def from_bundle(
@@ -91,10 +92,17 @@ class Classifier:
             max_pixels: refuse larger images before decoding them.
             fast_decode: allow reduced-scale JPEG decoding of large photos.
 
+        Returns:
+            A loaded classifier; ``info`` and ``notes`` say which backend/artifact is used and why
+            (e.g. why a TensorRT engine was passed over under ``"auto"``).
+
         Raises:
-            BundleError: missing/malformed/tampered bundle.
-            UsageError: unknown backend or artifact.
+            BundleError: missing/malformed/tampered bundle, or an unknown artifact name.
+            UsageError: unknown backend, or no artifact in the requested precision.
+            TensorRTUnavailable: ``backend="tensorrt"`` and no engine of the bundle can run here.
+            BackendError: TensorRT failed to load the engine (``backend="tensorrt"``).
         """
+        t0 = time.perf_counter()
         bundle_dir = Path(path)
         manifest = read_manifest(bundle_dir)
         be, notes = create_backend(
@@ -102,7 +110,9 @@ class Classifier:
             providers=providers, verify=verify,
         )
         pre = Preprocessor(manifest.preprocessing, max_pixels=max_pixels, fast_decode=fast_decode)
-        return cls(bundle_dir, manifest, be, pre, notes)
+        clf = cls(bundle_dir, manifest, be, pre, notes)
+        clf.load_ms = (time.perf_counter() - t0) * 1e3
+        return clf
 
     # ------------------------------------------------------------------ info
 
@@ -116,44 +126,103 @@ class Classifier:
             "architecture": self.manifest.model.architecture,
             "labels": self.labels,
             "input_size": [p.height, p.width],
+            "load_ms": round(self.load_ms, 1),
             "notes": list(self.notes),
         }
 
     # ------------------------------------------------------------------ inference
 
-    def _result(self, probs: np.ndarray, top_k: int, timings: dict[str, float]) -> Prediction:
+    def prediction(self, probs: np.ndarray, top_k: int = 3, timings: dict[str, float] | None = None) -> Prediction:
+        """Turn one probability vector into a :class:`Prediction` (top ``top_k`` labels, best first)."""
         k = max(1, min(int(top_k), len(self.labels)))
         order = np.argsort(-probs, kind="stable")[:k]
         top = [(self.labels[i], float(probs[i])) for i in order]
-        return Prediction(top[0][0], top[0][1], top, probs, timings)
+        return Prediction(top[0][0], top[0][1], top, probs, dict(timings or {}))
 
     def infer_array(self, batch: np.ndarray) -> np.ndarray:
-        """Run an already-preprocessed ``uint8`` batch; returns probabilities ``(N, classes)``."""
+        """Run an already-preprocessed ``uint8`` batch.
+
+        Args:
+            batch: ``(N, H, W, 3)`` ``uint8`` (``(N, 3, H, W)`` for NCHW bundles), as
+                :meth:`prepare` or :class:`~runtime.preprocess.Preprocessor` make it.
+
+        Returns:
+            Probabilities ``(N, classes)`` in label order.
+
+        Raises:
+            InvalidInputError: the batch has the wrong shape or dtype.
+        """
         expected = self.preprocessor.input_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise InvalidInputError(f"got a batch of shape {tuple(batch.shape)}; expected (N, {', '.join(map(str, expected))})")
         logits = self.backend.infer(np.ascontiguousarray(batch))
         return softmax(logits) if self.manifest.output == "logits" else logits
 
-    def predict(self, image: ImageInput, top_k: int = 3) -> Prediction:
-        """Classify one image (path, bytes, PIL image or ``HxWx3`` uint8 array)."""
+    def prepare(self, image: ImageInput) -> tuple[np.ndarray, dict[str, float]]:
+        """Decode and preprocess one image.
+
+        Returns:
+            ``(array, timings)``: the model input for one image (no batch axis) and the ``decode`` and
+            ``preprocess`` times in milliseconds.
+
+        Raises:
+            InvalidInputError: the image cannot be decoded (the message says what was received).
+            ImageTooLargeError: the image has more pixels than ``max_pixels``.
+        """
         t0 = time.perf_counter()
         im = self.preprocessor.decode(image)
         t1 = time.perf_counter()
-        x = self.preprocessor.transform(im)[None]
+        x = self.preprocessor.transform(im)
         t2 = time.perf_counter()
-        probs = self.infer_array(x)[0]
+        return x, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+
+    def predict(self, image: ImageInput, top_k: int = 3) -> Prediction:
+        """Classify one image.
+
+        Safe to call from several threads at once (ONNX Runtime sessions run concurrently; the TensorRT
+        backend serialises its execution context itself).
+
+        Args:
+            image: a path, encoded bytes, a PIL image or an ``HxWx3`` ``uint8`` array (float in [0, 1]
+                is accepted too).
+            top_k: how many labels to return in ``Prediction.top``.
+
+        Returns:
+            The :class:`Prediction` with per-stage ``timings_ms``.
+
+        Raises:
+            InvalidInputError: the image cannot be used (the message says what was received and expected).
+        """
+        t0 = time.perf_counter()
+        x, timings = self.prepare(image)
+        t2 = time.perf_counter()
+        probs = self.infer_array(x[None])[0]
         t3 = time.perf_counter()
-        timings = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
-        return self._result(probs, top_k, timings)
+        timings.update(infer=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        return self.prediction(probs, top_k, timings)
 
     def predict_batch(self, images: Sequence[ImageInput], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
-        """Classify several images, ``batch_size`` at a time; one bad image raises for the whole call."""
+        """Classify several images, running inference ``batch_size`` images at a time.
+
+        Args:
+            images: a list of anything :meth:`predict` accepts.
+            top_k: how many labels each prediction lists.
+            batch_size: images per inference call.
+
+        Returns:
+            One :class:`Prediction` per image, in order; ``timings_ms`` are the batch's per-stage times
+            divided by the number of images in it.
+
+        Raises:
+            InvalidInputError: any image is unusable (one bad image fails the whole call).
+            UsageError: ``images`` is a single image rather than a list.
+        """
         if isinstance(images, (str, bytes, Path, np.ndarray)):
             raise UsageError("predict_batch takes a list of images; use predict for one")
         results: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        step = max(1, int(batch_size))
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             t0 = time.perf_counter()
             decoded = [self.preprocessor.decode(im) for im in chunk]
             t1 = time.perf_counter()
@@ -163,7 +232,7 @@ class Classifier:
             t3 = time.perf_counter()
             n = len(chunk)
             timings = {"decode": (t1 - t0) * 1e3 / n, "preprocess": (t2 - t1) * 1e3 / n, "infer": (t3 - t2) * 1e3 / n, "total": (t3 - t0) * 1e3 / n}
-            results.extend(self._result(p, top_k, dict(timings)) for p in probs)
+            results.extend(self.prediction(p, top_k, timings) for p in probs)
         return results
 
     def close(self) -> None:

@@ -44,6 +44,10 @@ class GateFailed(KimchiEdgeError):
     """An artifact that does not classify like the original learner."""
 
 
+class BackendError(KimchiEdgeError):
+    """An inference backend failed while loading or running (e.g. TensorRT could not deserialise an engine)."""
+
+
 class MissingDependencyError(KimchiEdgeError):
     """An optional dependency needed at this point is not installed; the message names the fix."""
 

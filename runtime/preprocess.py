@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,10 @@ DEFAULT_MAX_PIXELS = 80_000_000
 MIN_SIDE = 1
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+#: What Pillow's decoders raise on damaged or hostile bytes.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, OverflowError, NotImplementedError,
+                  struct.error, Image.DecompressionBombError)
 
 # Pillow's own bomb check would raise its own error type at 2x its limit; we check first ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -93,10 +98,12 @@ def decode_image(
     if isinstance(src, np.ndarray):
         return Image.fromarray(array_to_uint8(src), "RGB")
     if isinstance(src, Image.Image):
-        im = src
-        _check_size(im.size, max_pixels, "image")
-        im = _upright(im)
-        return to_rgb(im)
+        _check_size(src.size, max_pixels, "PIL image")
+        try:  # a lazily opened PIL image decodes here
+            src.load()
+            return to_rgb(_upright(src))
+        except _DECODE_ERRORS as exc:
+            raise InvalidInputError(f"PIL image ({src.format or src.mode}) could not be decoded: {exc}") from exc
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise InvalidInputError("received 0 bytes; expected an encoded image (JPEG, PNG, WebP, ...)")
@@ -116,8 +123,7 @@ def decode_image(
     try:
         with Image.open(fp) as im:
             _check_size(im.size, max_pixels, what)
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
+            # An animation opens on its first frame; counting frames (n_frames) would walk the whole file.
             if draft is not None and im.format == "JPEG":
                 side = max(draft)
                 im.draft("RGB", (side, side))  # keeps both sides >= side (orientation-proof)
@@ -128,7 +134,7 @@ def decode_image(
             return out
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{what} is not an image Pillow can decode (JPEG, PNG, WebP, GIF, BMP, TIFF ...)") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise InvalidInputError(f"{what} is a damaged or truncated image: {exc}") from exc
 
 
@@ -138,8 +144,8 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
         raise InvalidInputError(f"{what} is {w}x{h} pixels; expected a non-empty image")
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(
-            f"{what} is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of {max_pixels / 1e6:.1f} MP "
-            "(raise max_pixels if this is a genuine photo)"
+            f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} pixels "
+            "(refused before decoding; raise max_pixels if this is a genuine photo)"
         )
 
 
@@ -177,7 +183,7 @@ def array_to_uint8(arr: np.ndarray) -> np.ndarray:
 def fastai_crop_box(w: int, h: int, tw: int, th: int) -> tuple[int, int, int, int]:
     """fastai ``Resize(method='crop')`` on the validation set: centred box with the target aspect."""
     m = w / tw if (w / tw) < (h / th) else h / th
-    cw, ch = int(m * tw), int(m * th)
+    cw, ch = max(1, int(m * tw)), max(1, int(m * th))  # never empty, even for a 10000x1 strip
     left, top = int(0.5 * (w - cw)), int(0.5 * (h - ch))
     return left, top, left + cw, top + ch
 

@@ -7,13 +7,16 @@ Runtime otherwise, and says which (``Classifier.info``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import BackendError, BundleError, UsageError
 from ..manifest import Artifact, BundleManifest, verify_artifact
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -63,15 +66,19 @@ def create_backend(
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     notes: list[str] = []
-    if name in ("auto", "tensorrt"):
+    forced_onnx = artifact is not None and manifest.artifact(artifact).format != "tensorrt"  # unknown name: BundleError
+    if name == "tensorrt" or (name == "auto" and not forced_onnx):
         from .tensorrt_backend import TensorRTUnavailable, create_tensorrt_backend
 
         try:
             return create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision, verify=verify), notes
-        except TensorRTUnavailable as exc:
+        except (TensorRTUnavailable, BackendError, BundleError) as exc:
             if name == "tensorrt":
                 raise
-            notes.append(f"TensorRT not used: {exc}; falling back to ONNX Runtime")
+            notes.append(f"TensorRT not used: {exc}; using ONNX Runtime instead")
+            log.info("%s", notes[-1])
+            if artifact is not None and not forced_onnx:
+                artifact = None  # the engine asked for is not usable; let ONNX Runtime pick its own
     from .onnxruntime_backend import OnnxRuntimeBackend
 
     art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision)
@@ -82,8 +89,6 @@ def create_backend(
 
 def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None) -> Artifact:
     """Pick the ONNX artifact: the user's choice, else the manifest's recommendation, else FP32."""
-    from ..errors import BundleError
-
     onnx = [a for a in manifest.artifacts if a.format == "onnx"]
     if artifact:
         art = manifest.artifact(artifact)

@@ -1,0 +1,299 @@
+"""Run folder -> model bundle: every artifact, the reference predictions, the manifest, and the gate.
+
+The bundle is built under a temporary name beside its final place and renamed only when complete
+(:func:`runtime.fsutil.atomic_directory`), so an interrupted conversion never leaves a folder that
+loads.  Everything that can be checked cheaply (run folder, labels, image paths, calibration count,
+output folder) is checked before the learner is even loaded.
+
+``learner.pkl`` is a pickle: convert only learners you trust.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from runtime.errors import BundleError, GateFailed, UsageError
+from runtime.fsutil import atomic_directory, atomic_write_json, sha256_file
+from runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, ModelMeta, write_manifest
+
+from .gate import REFERENCE_NAME, GateReport, Reference, Thresholds, reference_to_dict, run_gate
+from .runfolder import Item, read_run, resolve_images, stratified_sample
+
+DEFAULT_CALIB = 200
+FILES = {
+    "onnx-fp32": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+    "torchscript": "model.torchscript.pt",
+}
+
+
+@dataclass
+class BundleResult:
+    """What :func:`bundle_from_run` built."""
+
+    path: Path
+    manifest: BundleManifest
+    gate: GateReport | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    import fastai
+    import onnx
+    import onnxruntime
+    import torch
+
+    import runtime
+
+    out = {"torch": torch.__version__, "fastai": fastai.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "kimchi_edge": runtime.__version__}
+    try:
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _artifact(folder: Path, name: str, fmt: str, precision: str, input_kind: str, built_with: dict, details: dict) -> Artifact:
+    path = folder / FILES[name]
+    return Artifact(
+        name=name, file=path.name, format=fmt, precision=precision, sha256=sha256_file(path),
+        size_bytes=path.stat().st_size, input=input_kind, built_with=built_with, details=details,
+    )
+
+
+def reference_from_learner(learn: Any, files: Sequence[Path], items: Sequence[Item], labels: Sequence[str], *, data_root: str, batch_size: int = 32, quiet: bool = False) -> Reference:
+    """The learner's own probabilities on ``files`` through its fastai pipeline (``test_dl`` + ``get_preds``)."""
+    import fastai
+    import torch
+
+    # rm_type_tfms=0: the items are files, so every type transform (the image decoder) applies; fastai would
+    # otherwise infer it from the decoder's type annotation (which fails for `Any`).
+    dl = learn.dls.test_dl([str(f) for f in files], bs=batch_size, num_workers=0, rm_type_tfms=0)
+    import sys
+
+    ctx = learn.no_bar() if quiet or not sys.stdout.isatty() else nullcontext()
+    with ctx, torch.no_grad():
+        probs, _ = learn.get_preds(dl=dl)
+    p = probs.float().numpy().astype(np.float64)
+    note = "learn.get_preds (loss-function activation)"
+    if p.ndim != 2 or p.shape[1] != len(labels):
+        raise BundleError(f"the learner returns shape {tuple(p.shape)} for {len(files)} images; expected ({len(files)}, {len(labels)})")
+    if (p < -1e-6).any() or not np.allclose(p.sum(1), 1.0, atol=1e-3):  # loss without a softmax activation
+        from runtime.classifier import softmax
+
+        p, note = softmax(p), "learn.get_preds + softmax (the loss function has no activation)"
+    source = {"what": "fastai learner predictions on the validation files of split.json", "how": note,
+              "pipeline": "learn.dls.test_dl (fastai validation transforms)", "fastai": fastai.__version__, "torch": torch.__version__}
+    return Reference(data_root=data_root, labels=tuple(labels), items=tuple(items), probabilities=p, source=source)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} is a file; expected a folder for the bundle")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise UsageError(f"--out {out} exists and is not a kimchi-edge bundle; refusing to replace it (choose another --out)")
+
+
+def bundle_from_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    data_root: str | Path | None = None,
+    int8: bool = True,
+    calib: int | None = None,
+    calib_method: str = "minmax",
+    calib_seed: int = 0,
+    torchscript: bool = True,
+    engines: Sequence[str] = (),
+    timing_cache: str | Path | None = None,
+    opset: int = 18,
+    exporter: str = "auto",
+    imports: Sequence[str] = (),
+    gate: bool = True,
+    thresholds: Thresholds | None = None,
+    batch_size: int = 16,
+    threads: int | None = None,
+    fast_decode: bool = False,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> BundleResult:
+    """Build the bundle of a run folder and run the accuracy gate on it.
+
+    Args:
+        run_dir: the run folder (``learner.pkl``, ``model_meta.json``, ``split.json``).
+        out: the bundle folder (default ``RUN_DIR/bundle``); a previous bundle there is replaced only
+            once the new one is complete.
+        data_root: where the images of ``split.json`` are now, if they moved.
+        int8: build the INT8 QDQ ONNX model.
+        calib: number of calibration images from the training split (default ``min(200, train)``);
+            an error when larger than the training split.
+        calib_method: ``minmax``, ``entropy`` or ``percentile``.
+        calib_seed: seed of the stratified calibration sample.
+        torchscript: write the traced TorchScript model.
+        engines: TensorRT engine precisions to build (``"fp16"``, ``"int8"``); skipped with one line
+            when TensorRT or a GPU is absent.
+        timing_cache: TensorRT timing cache (default: beside the bundle).
+        opset: ONNX opset (>= 17).
+        exporter: ``auto`` | ``dynamo`` | ``legacy``.
+        imports: modules/``.py`` files the learner's pickle needs (see :mod:`convert.learner_io`).
+        gate: run the accuracy gate at the end.
+        thresholds: gate thresholds.
+        batch_size: batch size for the reference and the gate.
+        threads: CPU threads for the gate.
+        fast_decode: score with the runtime's reduced-scale JPEG decoding (see :func:`convert.gate.run_gate`).
+        quiet: no progress bars, no table; errors and the verdict still print.
+        log: where messages go.
+
+    Returns:
+        A :class:`BundleResult`.
+
+    Raises:
+        UsageError / DataError / LearnerError / BundleError / ConversionError: bad input (nothing is
+            written).
+        GateFailed: an FP32/FP16 artifact failed the gate; the complete bundle with ``gate.md`` is
+            kept for inspection.
+    """
+    from .learner_io import learner_labels, load_learner
+    from .tensorrt import build_engines, default_timing_cache, tensorrt_unavailable_reason
+
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    say = (lambda msg: None) if quiet else log
+
+    # ---- checks that cost nothing, before anything is loaded or written
+    run = read_run(run_dir)
+    labels = run.meta.labels
+    root = Path(data_root).expanduser() if data_root else run.data_root
+    valid_files = resolve_images(run.valid, root, what="validation")
+    calib_items: list[Item] = []
+    calib_files: list[Path] = []
+    if int8:
+        if not run.train:
+            raise UsageError(f"{run.path / 'split.json'} lists no training images to calibrate INT8 with; pass --no-int8")
+        count = calib if calib is not None else min(DEFAULT_CALIB, len(run.train))
+        calib_items = stratified_sample(run.train, count, labels, seed=calib_seed)
+        calib_files = resolve_images(calib_items, root, what="training (INT8 calibration)")
+    bad = [e for e in engines if e not in ("fp16", "int8")]
+    if bad:
+        raise UsageError(f"unknown engine precision {bad[0]!r}; choose fp16 and/or int8")
+    if "int8" in engines and not int8:
+        raise UsageError("an INT8 TensorRT engine is built from the INT8 ONNX model; drop --no-int8 or the INT8 engine")
+    out = Path(out).expanduser() if out else run.path / "bundle"
+    _check_out(out)
+    if engines:
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            log(f"TensorRT engines skipped: {reason}")
+            notes.append(f"TensorRT engines ({', '.join(engines)}) not built: {reason}")
+            engines = ()
+
+    # ---- the learner
+    t = time.perf_counter()
+    learn = load_learner(run.learner, imports=imports)
+    got = learner_labels(learn)
+    if got != labels:
+        raise BundleError(f"learner vocab {list(got)} differs from model_meta.json labels {list(labels)}")
+    seconds["load"] = time.perf_counter() - t
+    say(f"convert: loaded {run.learner} ({run.meta.architecture}, {len(labels)} classes) in {seconds['load']:.1f} s")
+
+    versions = _versions()
+    common = {k: versions[k] for k in ("torch", "fastai", "kimchi_edge")}
+    with atomic_directory(out, overwrite=True) as tmp:
+        t = time.perf_counter()
+        say(f"convert: reference predictions of the fastai learner on {len(valid_files)} validation images")
+        ref = reference_from_learner(learn, valid_files, run.valid, labels, data_root=str(root), batch_size=max(batch_size, 32), quiet=quiet)
+        atomic_write_json(tmp / REFERENCE_NAME, reference_to_dict(ref))
+        seconds["reference"] = time.perf_counter() - t
+
+        artifacts: list[Artifact] = []
+        if torchscript:
+            from .torchscript import torchscript_from_learner
+
+            t = time.perf_counter()
+            details = torchscript_from_learner(learn, run.meta, tmp / FILES["torchscript"])
+            artifacts.append(_artifact(tmp, "torchscript", "torchscript", "fp32", "float-nchw-normalized", common, details))
+            seconds["torchscript"] = time.perf_counter() - t
+            say(f"convert: TorchScript (traced) in {seconds['torchscript']:.1f} s")
+
+        from .onnx_export import onnx_from_learner
+
+        t = time.perf_counter()
+        exp = onnx_from_learner(learn, run.meta, tmp / FILES["onnx-fp32"], opset=opset, exporter=exporter, log=log)
+        onnx_built = {**common, "onnx": versions["onnx"], "opset": str(exp.opset), "exporter": exp.exporter,
+                      "onnxruntime": versions["onnxruntime"], **({"onnxscript": versions["onnxscript"]} if "onnxscript" in versions else {})}
+        details = {**exp.details, "ort_vs_torch_max_abs_diff": exp.max_abs_diff}
+        if exp.fallback_reason:
+            details["fallback_reason"] = exp.fallback_reason
+            notes.append(f"ONNX exported with the legacy exporter: {exp.fallback_reason}")
+        artifacts.append(_artifact(tmp, "onnx-fp32", "onnx", "fp32", "uint8-nhwc", onnx_built, details))
+        seconds["onnx"] = time.perf_counter() - t
+        say(f"convert: ONNX ({exp.exporter} exporter, opset {exp.opset}) in {seconds['onnx']:.1f} s")
+
+        if int8:
+            from .int8 import int8_from_onnx
+
+            t = time.perf_counter()
+            say(f"convert: INT8 calibration on {len(calib_files)} training images (stratified by class)")
+            details = int8_from_onnx(tmp / FILES["onnx-fp32"], tmp / FILES["onnx-int8"], calib_files, run.meta,
+                                     method=calib_method, batch_size=batch_size, quiet=quiet, log=log)
+            details["calibration_seed"] = calib_seed
+            artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", "uint8-nhwc", onnx_built, details))
+            seconds["int8"] = time.perf_counter() - t
+            say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
+
+        ref_sha = sha256_file(tmp / REFERENCE_NAME)
+        manifest = BundleManifest(
+            model=run.meta,
+            artifacts=tuple(artifacts),
+            recommended={"onnxruntime": "onnx-fp32", **({"torchscript": "torchscript"} if torchscript else {})},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source={
+                "run_dir": str(run.path.resolve()),
+                "learner_sha256": sha256_file(run.learner),
+                "data_root": str(root),
+                "split": {"layout": run.split.get("layout"), "seed": run.split.get("seed"), "valid_pct": run.split.get("valid_pct"),
+                          "train": len(run.train), "valid": len(run.valid), "excluded": len(run.split.get("excluded") or [])},
+                "reference": REFERENCE_NAME,
+                "reference_sha256": ref_sha,
+                "calibration": {"split": "train", "images": len(calib_items), "seed": calib_seed, "method": calib_method} if int8 else {},
+                "versions": versions,
+                "notes": notes,
+            },
+        )
+        if engines:
+            t = time.perf_counter()
+            engine_arts = build_engines(tmp, manifest, tuple(engines), timing_cache=timing_cache or default_timing_cache(out), log=say)
+            manifest = manifest.replace(artifacts=manifest.artifacts + tuple(engine_arts))
+            seconds["tensorrt"] = time.perf_counter() - t
+        write_manifest(tmp, manifest)
+
+        report: GateReport | None = None
+        failure: GateFailed | None = None
+        if gate:
+            t = time.perf_counter()
+            try:
+                report = run_gate(tmp, data_root=root, thresholds=thresholds, batch_size=batch_size, threads=threads,
+                                  fast_decode=fast_decode, quiet=quiet, log=log)
+            except GateFailed as exc:
+                failure = exc
+            seconds["gate"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    if failure is not None:
+        raise GateFailed(str(failure).replace(str(tmp), str(out)))
+    from runtime.manifest import read_manifest
+
+    return BundleResult(path=out, manifest=read_manifest(out), gate=report, seconds=seconds, notes=notes)

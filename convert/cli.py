@@ -1,0 +1,97 @@
+"""Turn a training run into a model bundle, then run the accuracy gate on it.
+
+  kimchi-edge convert runs/food10                 # -> runs/food10/bundle
+  kimchi-edge convert runs/food10 --fp16          # also a TensorRT FP16 engine (when TensorRT + GPU)
+  kimchi-edge convert runs/food10 --data /new/place/of/food10
+
+Writes model.onnx (FP32, uint8 NHWC input, normalisation inside), model.int8.onnx (INT8 QDQ,
+calibrated on training images), model.torchscript.pt, reference.json (the learner's own
+predictions), manifest.json, gate.md and gate.json.  Exits non-zero when an FP32 artifact fails the
+gate.  learner.pkl is a pickle: convert only learners you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_gate_args(parser: argparse.ArgumentParser) -> None:
+    """Threshold options shared by ``convert`` and ``verify``."""
+    g = parser.add_argument_group("accuracy gate")
+    g.add_argument("--min-agreement", type=float, default=99.5, metavar="PCT",
+                   help="FP32/FP16 artifacts must agree with the learner's top-1 on at least PCT %% of images (default 99.5)")
+    g.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS",
+                   help="FP32/FP16 artifacts may lose at most POINTS of top-1 accuracy (default 0.5)")
+    g.add_argument("--int8-max-loss", type=float, default=1.0, metavar="POINTS",
+                   help="INT8 artifacts losing more are not recommended (default 1.0)")
+    g.add_argument("--fast-decode", action="store_true",
+                   help="score with the runtime's reduced-scale JPEG decoding instead of full-size decoding")
+    g.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per inference call (default 16)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+
+
+def thresholds_from_args(args: argparse.Namespace):
+    from runtime.errors import UsageError
+
+    from .gate import Thresholds
+
+    if not 0 <= args.min_agreement <= 100:
+        raise UsageError(f"--min-agreement {args.min_agreement}: expected a percentage between 0 and 100")
+    if args.max_loss < 0 or args.int8_max_loss < 0:
+        raise UsageError("--max-loss and --int8-max-loss are accuracy points and cannot be negative")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: expected at least 1")
+    return Thresholds(min_agreement=args.min_agreement / 100.0, max_loss_points=args.max_loss, int8_max_loss_points=args.int8_max_loss)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by kimchi-edge train (learner.pkl, model_meta.json, split.json)")
+    parser.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle; a previous bundle is replaced when the new one is complete)")
+    parser.add_argument("--data", metavar="ROOT", help="where the images of split.json are now, if they moved")
+    parser.add_argument("--no-int8", action="store_true", help="do not build the INT8 ONNX model")
+    parser.add_argument("--calib", type=int, default=None, metavar="N",
+                        help="INT8 calibration images, drawn from the training split, stratified by class (default min(200, train))")
+    parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="INT8 calibration method (default minmax)")
+    parser.add_argument("--no-torchscript", action="store_true", help="do not write the TorchScript model")
+    parser.add_argument("--fp16", action="store_true", help="build a TensorRT FP16 engine (needs TensorRT and a GPU; skipped with one line otherwise)")
+    parser.add_argument("--int8", action="store_true", help="build a TensorRT INT8 engine from the INT8 QDQ model (needs TensorRT and a GPU)")
+    parser.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (default: beside the bundle)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    parser.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                        help="ONNX exporter: auto = torch.export-based (dynamo), legacy only if that fails (default)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import this module or .py file before loading the learner (functions its pickle needs); repeatable")
+    parser.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (run kimchi-edge verify later)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables; errors and the verdict only")
+    add_gate_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bundle import bundle_from_run
+
+    thresholds = thresholds_from_args(args)
+    engines = tuple(p for p, on in (("fp16", args.fp16), ("int8", args.int8)) if on)
+    result = bundle_from_run(
+        args.run_dir,
+        args.out,
+        data_root=args.data,
+        int8=not args.no_int8,
+        calib=args.calib,
+        calib_method=args.calib_method,
+        torchscript=not args.no_torchscript,
+        engines=engines,
+        timing_cache=args.timing_cache,
+        opset=args.opset,
+        exporter=args.exporter,
+        imports=args.imports,
+        gate=not args.no_gate,
+        thresholds=thresholds,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        fast_decode=args.fast_decode,
+        quiet=args.quiet,
+    )
+    rec = ", ".join(f"{b}: {n}" for b, n in result.manifest.recommended.items())
+    verdict = "gate passed" if result.gate and result.gate.passed else ("gate not run" if result.gate is None else "gate failed")
+    print(f"bundle: {result.path} ({verdict}; {result.seconds.get('total', 0):.0f} s; recommended {rec})")
+    return 0

@@ -1,0 +1,310 @@
+"""``learn.model`` -> one self-contained ONNX file that takes raw ``uint8`` RGB images.
+
+The exported graph is ``image (N, H, W, 3) uint8 -> Cast -> /255 -> (x - mean) / std -> NCHW -> model
+-> logits (N, classes)``, with mean/std read from ``model_meta.json`` (which training read from the
+fastai pipeline), so a runtime feeds the bytes of its resized image and nothing else.
+
+The exporter is the maintained one for the installed torch (``torch.onnx.export(..., dynamo=True)``,
+based on ``torch.export``).  Only when it fails do we try the legacy TorchScript-based exporter, and
+the reason is printed and recorded in the artifact details.  When both fail, the error names the op.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from runtime.fsutil import atomic_write_bytes
+from runtime.manifest import ModelMeta, Preprocessing, to_dict
+
+from .errors import ConversionError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+#: ``metadata_props`` keys written into every ONNX artifact.
+META_LABELS = "kimchi_edge.labels"
+META_PREPROCESSING = "kimchi_edge.preprocessing"
+META_ARCHITECTURE = "kimchi_edge.architecture"
+META_INTERFACE = "kimchi_edge.interface"
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`onnx_from_learner` produced."""
+
+    path: Path
+    exporter: str  # "dynamo" | "legacy-torchscript"
+    opset: int
+    fallback_reason: str = ""
+    max_abs_diff: float = 0.0  # ONNX Runtime vs torch on a random uint8 batch
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def normalizing_module(model: Any, pre: Preprocessing) -> Any:
+    """Wrap ``model`` so it takes ``uint8`` images in ``pre.layout`` and does the normalisation itself."""
+    import torch
+
+    class UInt8Normalize(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, mean: tuple, std: tuple, nhwc: bool):
+            super().__init__()
+            self.model = inner
+            self.nhwc = nhwc
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1))
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = image.to(torch.float32)
+            if self.nhwc:
+                x = x.permute(0, 3, 1, 2)
+            x = (x / 255.0 - self.mean) / self.std
+            return self.model(x)
+
+    return UInt8Normalize(model, pre.mean, pre.std, pre.layout == "NHWC").eval()
+
+
+def ops_named_in(exc: BaseException) -> list[str]:
+    """Operator names (``aten::foo``, ``mylib::bar``) mentioned anywhere in an exception chain."""
+    texts, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(f"{e}")
+        e = e.__cause__ or e.__context__
+    text = "\n".join(texts)
+    found: list[str] = []
+    for ns, op in re.findall(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)", text):
+        found.append(f"{ns}::{op}")
+    for ns, op in re.findall(r"\b([A-Za-z_]\w*)::([A-Za-z_]\w*)", text):
+        if ns not in ("torch", "c10", "at", "std", "onnx", "prim", "jit"):
+            found.append(f"{ns}::{op}")
+    for ns, op in re.findall(r"\b(aten|prims)\.([A-Za-z_]\w*)", text):
+        found.append(f"{ns}::{op}")
+    return list(dict.fromkeys(found))
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:limit]
+
+
+def _export_dynamo(wrapper: Any, example: Any, opset: int) -> Any:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes={"image": {0: batch}},
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _export_legacy(wrapper: Any, example: Any, opset: int) -> Any:
+    import onnx
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="kimchi-edge-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        return onnx.load(str(path), load_external_data=True)
+
+
+def set_metadata(model: Any, meta: ModelMeta, **extra: str) -> None:
+    """Write labels, preprocessing and the interface into ``metadata_props`` (replacing old values)."""
+    pre = meta.preprocessing
+    props = {
+        META_LABELS: json.dumps(list(meta.labels), ensure_ascii=False),
+        META_PREPROCESSING: json.dumps(to_dict(pre), ensure_ascii=False),
+        META_ARCHITECTURE: meta.architecture,
+        META_INTERFACE: json.dumps(
+            {"input": INPUT_NAME, "dtype": "uint8", "layout": pre.layout, "channels": pre.channels,
+             "height": pre.height, "width": pre.width, "output": OUTPUT_NAME, "output_kind": "logits"},
+            ensure_ascii=False,
+        ),
+        **extra,
+    }
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file as a dict (reads the graph only, via onnxruntime)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def check_onnx_model(model: Any, *, where: str) -> None:
+    """``onnx.checker`` (full check, with shape inference) and the interface kimchi-edge promises.
+
+    Raises:
+        ConversionError: the checker fails, the file would need external data, or the interface is wrong.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ConversionError(f"{where}: onnx.checker rejects the graph: {_first_line(exc)}") from exc
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ConversionError(f"{where}: initializer {init.name} is stored as external data; expected one self-contained file")
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ConversionError(f"{where}: expected one input {INPUT_NAME!r}, found {[i.name for i in inputs]}")
+    t = inputs[0].type.tensor_type
+    if t.elem_type != onnx.TensorProto.UINT8:
+        raise ConversionError(f"{where}: input {INPUT_NAME!r} is {onnx.TensorProto.DataType.Name(t.elem_type)}; expected UINT8")
+    if not t.shape.dim or t.shape.dim[0].dim_value:
+        raise ConversionError(f"{where}: the batch axis of {INPUT_NAME!r} is fixed; expected a dynamic batch")
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    if opsets.get("ai.onnx", 0) < MIN_OPSET:
+        raise ConversionError(f"{where}: opset {opsets.get('ai.onnx')} < {MIN_OPSET}")
+
+
+def _ort_logits(model_bytes: bytes, batch: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+def onnx_from_learner(
+    learn: Any,
+    meta: ModelMeta,
+    out_path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    log: Callable[[str], None] = print,
+) -> OnnxExport:
+    """Export ``learn.model`` to ``out_path`` (FP32, uint8 NHWC input, normalisation folded in).
+
+    Args:
+        learn: a fastai learner (only ``learn.model`` is used), or a bare ``torch.nn.Module``.
+        meta: labels and preprocessing (from ``model_meta.json``).
+        out_path: the ONNX file to write (atomically).
+        opset: ONNX opset, >= 17.
+        exporter: ``"auto"`` (dynamo, then legacy with a stated reason), ``"dynamo"`` or ``"legacy"``.
+        log: where to say that the legacy exporter was used and why.
+
+    Returns:
+        An :class:`OnnxExport` with the exporter used and the ORT-vs-torch check.
+
+    Raises:
+        ConversionError: the model cannot be exported (the op is named), or the result fails
+            ``onnx.checker`` or the interface checks.
+    """
+    import time
+
+    import onnx
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ConversionError(f"opset {opset} is too old; kimchi-edge exports opset >= {MIN_OPSET}")
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ConversionError(f"unknown exporter {exporter!r}; choose auto, dynamo or legacy")
+    t0 = time.perf_counter()
+    model = getattr(learn, "model", learn)
+    model = model.eval().cpu().float()
+    pre = meta.preprocessing
+    wrapper = normalizing_module(model, pre)
+    shape = (2, pre.height, pre.width, 3) if pre.layout == "NHWC" else (2, 3, pre.height, pre.width)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+    used, fallback_reason, proto = "", "", None
+    errors: list[BaseException] = []
+    if exporter in ("auto", "dynamo"):
+        try:
+            proto, used = _export_dynamo(wrapper, example, opset), "dynamo"
+        except Exception as exc:  # the exporter raises many types (ConversionError, TorchExportError, ...)
+            errors.append(exc)
+            ops = ops_named_in(exc)
+            fallback_reason = f"dynamo exporter failed{' on ' + ', '.join(ops) if ops else ''}: {_first_line(exc)}"
+            if exporter == "auto":
+                log(f"ONNX: {fallback_reason}; falling back to the legacy TorchScript-based exporter")
+    if proto is None and exporter in ("auto", "legacy"):
+        try:
+            proto, used = _export_legacy(wrapper, example, opset), "legacy-torchscript"
+        except Exception as exc:
+            errors.append(exc)
+    if proto is None:
+        ops = list(dict.fromkeys(op for e in errors for op in ops_named_in(e)))
+        what = f"op {', '.join(ops)}" if ops else "an operation"
+        raise ConversionError(
+            f"cannot export {meta.architecture} to ONNX: {what} is not supported by the ONNX exporter(s) "
+            f"({_first_line(errors[-1], 200)})"
+        ) from errors[-1]
+
+    set_metadata(proto, meta)
+    proto.doc_string = (
+        f"kimchi-edge: {meta.architecture} image classifier, {len(meta.labels)} classes; input {INPUT_NAME} uint8 "
+        f"(N, {pre.height}, {pre.width}, 3) RGB, output {OUTPUT_NAME} (N, {len(meta.labels)})"
+    )
+    check_onnx_model(proto, where="exported ONNX")
+    data = proto.SerializeToString()
+
+    # Sanity check against torch on batches of 3 and 1 (proves the batch axis is really dynamic).
+    max_diff = 0.0
+    for n in (3, 1):
+        x = torch.randint(0, 256, (n, *shape[1:]), dtype=torch.uint8, generator=gen)
+        with torch.no_grad():
+            ref = wrapper(x).float().numpy()
+        try:
+            got = _ort_logits(data, x.numpy())
+        except Exception as exc:
+            raise ConversionError(f"ONNX Runtime cannot run the exported model on a batch of {n}: {_first_line(exc)}") from exc
+        if got.shape != (n, len(meta.labels)):
+            raise ConversionError(f"exported model returns shape {got.shape} for a batch of {n}; expected {(n, len(meta.labels))}")
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+    scale = max(1.0, float(np.abs(ref).max()))
+    if max_diff > 1e-2 * scale:
+        raise ConversionError(f"exported ONNX disagrees with torch: max |Δlogit| {max_diff:.3g} on a random batch (logit scale {scale:.3g})")
+
+    out_path = Path(out_path)
+    atomic_write_bytes(out_path, data)
+    return OnnxExport(
+        path=out_path, exporter=used, opset=opset, fallback_reason=fallback_reason, max_abs_diff=max_diff,
+        seconds=time.perf_counter() - t0,
+        details={"ir_version": int(proto.ir_version), "onnx": onnx.__version__, "nodes": len(proto.graph.node)},
+    )

@@ -1,0 +1,48 @@
+"""Run the accuracy gate on a bundle: every artifact against the learner's reference predictions.
+
+  kimchi-edge verify runs/food10/bundle
+  kimchi-edge verify BUNDLE --images /media/sd/food10      # the validation images moved
+  kimchi-edge verify BUNDLE --artifact onnx-int8 --artifact trt-fp16
+
+Needs only the runtime (no fastai, no torch): runs on the target device.  TorchScript is scored only
+where torch is installed.  Writes gate.md, gate.json and the gate summary in manifest.json; exits
+non-zero when an FP32/FP16 artifact fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import add_gate_args, thresholds_from_args
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json and reference.json)")
+    parser.add_argument("--images", "--data", dest="images", metavar="DATA_ROOT",
+                        help="where the validation images are now (default: the folder recorded at convert time)")
+    parser.add_argument("--artifact", action="append", default=None, metavar="NAME",
+                        help="score only this artifact (repeatable; default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only; leave gate.md/gate.json/manifest.json alone")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or table; the verdict only")
+    add_gate_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .gate import run_gate
+
+    report = run_gate(
+        args.bundle,
+        data_root=args.images,
+        artifacts=args.artifact,
+        thresholds=thresholds_from_args(args),
+        batch_size=args.batch_size,
+        threads=args.threads,
+        fast_decode=args.fast_decode,
+        quiet=args.quiet,
+        write=not args.no_write,
+        data_option="--images",
+    )
+    scored = sum(1 for r in report.results if r.status in ("pass", "fail"))
+    print(f"gate {'passed' if report.passed else 'failed'}: {scored} artifact(s) scored on {report.reference['n']} images"
+          + ("" if args.no_write else f"; report: {report.bundle}/gate.md"))
+    return 0

@@ -1,0 +1,84 @@
+"""Build a TensorRT engine for *this* GPU from a bundle's ONNX and record it in the bundle's manifest.
+
+Example (on the Jetson or GPU machine that will run it)::
+
+    kimchi-edge build-engine runs/food10/bundle --fp16
+    kimchi-edge build-engine runs/food10/bundle --int8     # from the bundle's INT8 QDQ ONNX
+
+The build is ``convert.tensorrt.add_engines`` (Polygraphy; no torch needed).  Its manifest entry records
+the TensorRT version, GPU, compute capability and the SHA-256 of the ONNX it came from, so the runtime
+refuses a stale engine before deserialising it and says how to rebuild.  An engine that is already
+compatible with this machine is kept unless ``--force``.  Then it is loaded and run once here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``build-engine`` options."""
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="FP16 engine from onnx-fp32 (the default)")
+    g.add_argument("--int8", dest="precision", action="store_const", const="int8", help="INT8 engine from the INT8 QDQ ONNX (onnx-int8)")
+    parser.set_defaults(precision="fp16")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a compatible engine of this precision exists")
+
+
+def _builder():
+    """``convert.tensorrt`` after checking that engines can be built here (one line saying why not)."""
+    from .errors import MissingDependencyError
+
+    try:
+        from convert import tensorrt as builder
+    except ImportError as exc:
+        raise MissingDependencyError(f"the engine builder convert.tensorrt is not importable ({exc}); "
+                                     "reinstall kimchi-edge with: pip install 'kimchi-edge[tensorrt]'") from None
+    reason = builder.tensorrt_unavailable_reason()
+    if reason:
+        raise MissingDependencyError(f"building an engine needs TensorRT and a CUDA GPU: {reason}; build on the device that will run it")
+    return builder
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or keep) the engine, then load it once with the TensorRT backend to prove it runs here."""
+    import time
+
+    import numpy as np
+
+    from .backends.tensorrt_backend import TensorRTBackend, engine_mismatches, installed_facts
+    from .errors import UsageError
+    from .manifest import read_manifest
+
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
+    bundle = Path(args.bundle)
+    manifest = read_manifest(bundle)  # a bad bundle is reported before anything else
+    builder = _builder()
+    facts = installed_facts()
+    name = f"trt-{args.precision}"
+    existing = next((a for a in manifest.artifacts if a.name == name), None)
+    if existing is not None and not args.force and not engine_mismatches(existing, manifest, facts) and (bundle / existing.file).is_file():
+        art, took = existing, None
+    else:
+        t0 = time.perf_counter()
+        manifest = builder.add_engines(bundle, (args.precision,), batch=(1, 1, args.max_batch),
+                                       log=lambda msg: print(msg, file=sys.stderr))
+        took = time.perf_counter() - t0
+        art = manifest.artifact(name)
+    built_with = ", ".join(f"{k} {v}" for k, v in art.built_with.items())
+    if took is None:
+        print(f"{art.name} ({art.file}) is already built for this machine ({built_with}); use --force to rebuild")
+    else:
+        print(f"built {art.name}: {art.file} ({art.size_bytes / 1e6:.1f} MB; {built_with}) in {took:.0f} s")
+    pre = manifest.preprocessing
+    shape = (1, pre.height, pre.width, 3) if pre.layout == "NHWC" else (1, 3, pre.height, pre.width)
+    with TensorRTBackend(bundle, manifest, art, installed=facts) as backend:
+        logits = backend.infer(np.zeros(shape, dtype=np.uint8))
+    print(f"loaded and ran it here (logits {tuple(logits.shape)}); score it on the validation images with: "
+          f"kimchi-edge verify {bundle}")
+    return 0

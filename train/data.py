@@ -1,0 +1,219 @@
+"""Data: find the images of a folder-per-class tree, screen them, and build fastai DataLoaders.
+
+Two layouts are understood:
+
+* ``DATA/<class>/...`` — a random split (``valid_pct``, ``seed``);
+* ``DATA/train/<class>/...`` + ``DATA/valid/<class>/...`` — the split as given.
+
+Class names are the folder names, kept as exact Unicode (Korean, spaces, mixed case).  Image files
+are recognised by extension in any case.  Every file is decoded once before training: unreadable
+files are listed in the report and left out, so a corrupt file never crashes an epoch.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import DataError, InvalidInputError
+from runtime.preprocess import decode_image
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SPLIT_NAMES = ("train", "valid")
+
+
+@dataclass
+class DatasetScan:
+    """What was found under a data root."""
+
+    root: Path
+    layout: str  # "given" | "random"
+    train: list[tuple[Path, str]] = field(default_factory=list)  # (file, label); for "random": all files
+    valid: list[tuple[Path, str]] = field(default_factory=list)  # only for "given"
+    excluded: list[dict[str, str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _check_readable(path: Path) -> str | None:
+    try:
+        decode_image(path, max_pixels=None, draft=(64, 64))
+    except InvalidInputError as exc:
+        return str(exc)
+    return None
+
+
+def scan_dataset(root: str | Path, *, screen: bool = True, workers: int = 4) -> DatasetScan:
+    """Find classes and images under ``root`` and screen out unreadable files.
+
+    Raises:
+        DataError: missing path, no class folders, a single class, or a class without images.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file; expected a folder with one sub-folder per class")
+    root = root.resolve()
+    given = all((root / s).is_dir() for s in SPLIT_NAMES)
+    scan = DatasetScan(root=root, layout="given" if given else "random")
+
+    def collect(base: Path, where: str) -> list[tuple[Path, str]]:
+        dirs = _class_dirs(base)
+        if not dirs:
+            raise DataError(f"{base} has no class folders; expected {where}<class>/<images>")
+        items: list[tuple[Path, str]] = []
+        for d in dirs:
+            files = _images_in(d)
+            if not files:
+                raise DataError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            items += [(f, d.name) for f in files]
+        return items
+
+    if given:
+        scan.train = collect(root / "train", "train/")
+        scan.valid = collect(root / "valid", "valid/")
+        train_classes = {lab for _, lab in scan.train}
+        unknown = sorted({lab for _, lab in scan.valid} - train_classes)
+        if unknown:
+            raise DataError(f"valid/ has classes with no training images: {unknown}")
+        scan.classes = sorted(train_classes)
+    else:
+        scan.train = collect(root, "")
+        scan.classes = sorted({lab for _, lab in scan.train})
+    if len(scan.classes) < 2:
+        raise DataError(f"found a single class {scan.classes} under {root}; a classifier needs at least 2 class folders")
+
+    if screen:
+        everything = scan.train + scan.valid
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = list(pool.map(lambda item: _check_readable(item[0]), everything))
+        bad = {item[0] for item, problem in zip(everything, problems) if problem}
+        scan.excluded = [
+            {"file": scan.relative(item[0]), "label": item[1], "reason": problem}
+            for item, problem in zip(everything, problems)
+            if problem
+        ]
+        scan.train = [it for it in scan.train if it[0] not in bad]
+        scan.valid = [it for it in scan.valid if it[0] not in bad]
+        left = {lab for _, lab in scan.train}
+        empty = [c for c in scan.classes if c not in left]
+        if empty:
+            raise DataError(f"after leaving out unreadable files, class(es) {empty} have no training images")
+    return scan
+
+
+# --------------------------------------------------------------------------- fastai glue
+
+
+try:  # fastai present: the image type training decodes with (same decoder as the runtime)
+    from fastai.vision.core import PILImage as _FastaiPILImage
+
+    class PILImageUpright(_FastaiPILImage):
+        """fastai ``PILImage`` decoded by the runtime's decoder: EXIF orientation applied, any mode -> RGB.
+
+        Training and serving therefore see the same pixels for phone photos with an orientation tag.
+        """
+
+        @classmethod
+        def create(cls, fn: Any, **kwargs: Any):
+            if isinstance(fn, (str, Path, bytes)):
+                return cls(decode_image(fn, max_pixels=None))
+            return super().create(fn, **kwargs)
+
+except ImportError:  # runtime-only install: training is unavailable anyway
+    PILImageUpright = None  # type: ignore[assignment,misc]
+
+
+class ClassFolderLabel:
+    """Label of a file = the name of its class folder (the first folder under a split root)."""
+
+    def __init__(self, roots: list[Path]):
+        self.roots = [str(r) for r in roots]
+
+    def __call__(self, path: Any) -> str:
+        p = Path(path)
+        for r in self.roots:
+            try:
+                return p.relative_to(r).parts[0]
+            except ValueError:
+                continue
+        return p.parent.name
+
+
+def make_dataloaders(
+    scan: DatasetScan,
+    *,
+    item_size: int | tuple[int, int] = 460,
+    size: int | tuple[int, int] = 224,
+    min_scale: float = 0.75,
+    augment: float = 1.0,
+    flip: bool = True,
+    resize_method: str = "crop",
+    valid_pct: float = 0.2,
+    seed: int = 42,
+    bs: int = 64,
+    num_workers: int = 0,
+    device: Any = None,
+):
+    """The seeds' DataBlock: ``Resize(item_size)`` presizing + ``aug_transforms(size, min_scale)``.
+
+    ``augment`` scales the augmentation strength (``aug_transforms(mult=augment)``); 0 turns it off;
+    ``flip=False`` for data where a mirror image is another class (digits, text).
+    Normalisation is added by ``vision_learner`` from the architecture's pretrained statistics (and
+    read back from the pipeline afterwards, see :func:`train.spec.preprocessing_from_dls`).
+    """
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        IndexSplitter,
+        RandomSplitter,
+        Resize,
+        ResizeMethod,
+        aug_transforms,
+    )
+
+    if resize_method not in ("crop", "squish"):
+        raise DataError(f"--resize-method {resize_method!r}: expected crop or squish")
+    files = [f for f, _ in scan.train] + [f for f, _ in scan.valid]
+    if scan.layout == "given":
+        splitter = IndexSplitter(list(range(len(scan.train), len(files))))
+        roots = [scan.root / "train", scan.root / "valid"]
+    else:
+        if not 0 < valid_pct < 1:
+            raise DataError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
+        splitter = RandomSplitter(valid_pct=valid_pct, seed=seed)
+        roots = [scan.root]
+    batch_tfms = []
+    if augment > 0:
+        batch_tfms = aug_transforms(size=size, min_scale=min_scale, mult=augment, do_flip=flip)
+    elif size != item_size:
+        batch_tfms = aug_transforms(size=size, min_scale=min_scale, do_flip=False, max_rotate=0, max_zoom=1,
+                                    max_lighting=0, max_warp=0)
+    dblock = DataBlock(
+        blocks=(ImageBlock(cls=PILImageUpright), CategoryBlock(vocab=scan.classes)),
+        get_y=ClassFolderLabel(roots),
+        splitter=splitter,
+        item_tfms=Resize(item_size, method=ResizeMethod.Crop if resize_method == "crop" else ResizeMethod.Squish),
+        batch_tfms=batch_tfms,
+    )
+    kwargs: dict[str, Any] = {"bs": bs, "num_workers": num_workers}
+    if device is not None:
+        kwargs["device"] = device
+    dls = dblock.dataloaders(files, **kwargs)
+    if len(dls.valid_ds) == 0:
+        raise DataError("the validation split is empty; add images or raise --valid-pct")
+    return dls
