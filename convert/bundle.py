@@ -77,6 +77,7 @@ def reference_from_learner(learn: Any, files: Sequence[Path], items: Sequence[It
     """The learner's own probabilities on ``files`` through its fastai pipeline (``test_dl`` + ``get_preds``)."""
     import fastai
     import torch
+    from fastai.callback.progress import ProgressCallback  # noqa: F401  (also patches Learner.no_bar)
 
     # rm_type_tfms=0: the items are files, so every type transform (the image decoder) applies; fastai would
     # otherwise infer it from the decoder's type annotation (which fails for `Any`).

@@ -1,0 +1,59 @@
+"""The runtime's preprocessing equals fastai's validation transform on real photos.
+
+The spec is read from the fastai pipeline (train.spec) and the runtime (numpy + Pillow only) is
+compared pixel by pixel with what fastai feeds the model.  The runtime hands the model uint8, so the
+bound is rounding: 0.5/255 (plus float noise).  Uses food10 when present (real 512 px photos, one
+greyscale), else the built-in digits sample.
+"""
+
+import pytest
+
+from tests.conftest import food10_root
+
+CONFIGS = [
+    dict(item_size=460, size=224, min_scale=0.75, resize_method="crop"),  # the seeds' presizing
+    dict(item_size=256, size=224, min_scale=1.0, resize_method="crop"),  # affine-resize path
+    dict(item_size=(300, 400), size=(160, 224), min_scale=0.75, resize_method="crop"),  # non-square
+    dict(item_size=240, size=128, min_scale=0.75, resize_method="squish"),  # >2x: fastai's area pre-filter
+    dict(item_size=224, size=224, min_scale=0.75, resize_method="crop", augment=0),  # item size == model size
+]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = food10_root()
+    if root is not None:
+        return root, "food10"
+    from train.sample import write_digits_sample
+
+    return write_digits_sample(tmp_path_factory.mktemp("digits"), per_class=6), "digits sample"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['item_size']}->{c['size']}-{c['resize_method']}")
+def test_runtime_preprocessing_matches_fastai_validation_transform(photos, cfg):
+    pytest.importorskip("fastai")
+    from train.data import make_dataloaders, scan_dataset
+    from train.spec import compare_with_fastai, preprocessing_from_dls
+
+    root, _ = photos
+    scan = scan_dataset(root, screen=False)
+    dls = make_dataloaders(scan, bs=4, **cfg)
+    spec = preprocessing_from_dls(dls)
+    files = list(dls.valid_ds.items)[::max(1, len(dls.valid_ds.items) // 24)][:24]
+    diff = compare_with_fastai(dls, spec, files)
+    assert diff <= 0.51, f"max |runtime - fastai| = {diff:.3f}/255 on {len(files)} images"
+
+
+def test_wrong_spec_is_caught(photos):
+    """The comparison can fail: a spec with the wrong resize method is far off."""
+    pytest.importorskip("fastai")
+    import dataclasses
+
+    from train.data import make_dataloaders, scan_dataset
+    from train.spec import compare_with_fastai, preprocessing_from_dls
+
+    root, _ = photos
+    dls = make_dataloaders(scan_dataset(root, screen=False), item_size=300, size=224, bs=4)
+    spec = dataclasses.replace(preprocessing_from_dls(dls), resize_method="squish")
+    files = list(dls.valid_ds.items)[:8]
+    assert compare_with_fastai(dls, spec, files) > 20

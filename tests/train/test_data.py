@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from runtime.cli import main
+from tests.train.conftest import KIMCHI_CLASSES, build_tree
+from train.data import scan_dataset
+
+
+def test_random_layout_korean_names_and_screening(kimchi_tree):
+    scan = scan_dataset(kimchi_tree)
+    assert scan.layout == "random"
+    assert scan.classes == sorted(KIMCHI_CLASSES.values())
+    assert "오이 소박이" in scan.classes and "Pa Kimchi" in scan.classes
+    excluded = {e["file"]: e for e in scan.excluded}
+    assert set(excluded) == {"배추김치/broken.jpg", "오이 소박이/notes.jpg"}
+    assert "damaged or truncated" in excluded["배추김치/broken.jpg"]["reason"]
+    assert "not an image" in excluded["오이 소박이/notes.jpg"]["reason"]
+    files = {f.name for f, _ in scan.train}
+    assert any(n.endswith(".PNG") for n in files) and any(n.endswith(".Png") for n in files)
+    assert "README.txt" not in files and "broken.jpg" not in files
+    assert len(scan.train) == 90
+
+
+def test_given_layout(digits, tmp_path):
+    root = build_tree(digits, tmp_path / "d", per_class=8, given_split=True)
+    scan = scan_dataset(root)
+    assert scan.layout == "given"
+    assert len(scan.valid) == 6 and len(scan.train) == 18
+    assert {lab for _, lab in scan.valid} == set(KIMCHI_CLASSES.values())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "no class folders"),
+        (lambda p: (p / "only").mkdir(parents=True) or (p / "only" / "a.png").write_bytes(b"x"), "single class"),
+        (lambda p: [(p / c).mkdir(parents=True) for c in ("a", "b")], "has no images"),
+    ],
+    ids=["missing", "empty", "single-class", "class-without-images"],
+)
+def test_bad_data_exits_2_and_writes_nothing(tmp_path, capsys, make, message):
+    data = tmp_path / "data"
+    make(data)
+    out = tmp_path / "run"
+    rc = main(["train", str(data), "--out", str(out), "--arch", "efficientnet_lite0", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_single_class_after_screening(tmp_path, capsys, digits):
+    data = tmp_path / "d"
+    build_tree(digits, data, per_class=3)
+    for f in (data / "배추김치").iterdir():
+        f.write_bytes(b"garbage")
+    rc = main(["train", str(data), "--out", str(tmp_path / "r"), "--quiet"])
+    assert rc == 2
+    assert "배추김치" in capsys.readouterr().err
+
+
+def test_sample_is_real_digits(digits):
+    from PIL import Image
+
+    from train.sample import SAMPLE_LABELS
+
+    assert sorted(p.name for p in digits.iterdir()) == sorted(SAMPLE_LABELS)
+    im = Image.open(next((digits / "8 팔").glob("*.png")))
+    assert im.size == (32, 32) and im.mode == "L"
+    assert len(set(im.getdata())) > 5  # grey levels of a real scan, not a flat fill
+
+
+def test_json_written_as_utf8_not_escaped(tiny_run):
+    text = (tiny_run / "split.json").read_text(encoding="utf-8")
+    assert "배추김치" in text and "\\ub" not in text
+    assert json.loads(text)["vocab"] == sorted(KIMCHI_CLASSES.values())
