@@ -22,9 +22,10 @@ def setup_matplotlib() -> None:
 
     import matplotlib.pyplot as plt
 
-    plt.rcParams["axes.unicode_minus"] = False
-    # NanumGothic has no U+2212; log-scale tick labels (lr_find) would warn once per tick
-    logging.getLogger("matplotlib.mathtext").setLevel(logging.ERROR)
+    # DejaVu Sans first (it has U+2212, the minus of log-scale ticks like lr_find's 10^-3), NanumGothic as
+    # the per-glyph fallback for Hangul: both Korean class names and tick labels render.
+    plt.rcParams["font.family"] = ["DejaVu Sans", "NanumGothic"]
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
 def save_current_figure(path: Path, dpi: int = 110) -> None:
