@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.errors import BundleError, GateFailed, UsageError
 from runtime.fsutil import atomic_directory, atomic_write_json, sha256_file
-from runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, ModelMeta, write_manifest
+from runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, write_manifest
 
 from .gate import REFERENCE_NAME, GateReport, Reference, Thresholds, reference_to_dict, run_gate
 from .runfolder import Item, read_run, resolve_images, stratified_sample

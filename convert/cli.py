@@ -45,6 +45,7 @@ def thresholds_from_args(args: argparse.Namespace):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples in the description
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by kimchi-edge train (learner.pkl, model_meta.json, split.json)")
     parser.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle; a previous bundle is replaced when the new one is complete)")
     parser.add_argument("--data", metavar="ROOT", help="where the images of split.json are now, if they moved")

@@ -7,8 +7,8 @@ of ``split.json``, computed by ``kimchi-edge convert`` with the fastai pipeline.
 artifact is fed the same image *files* through the runtime (:class:`runtime.Classifier` /
 :class:`runtime.preprocess.Preprocessor`), exactly as in deployment.
 
-Per artifact: top-1 accuracy and its difference to the reference (points, with Newcombe's
-Wilson-based interval for paired proportions), top-1 agreement with the reference (Wilson interval),
+Per artifact: top-1 accuracy and its difference to the reference (points, with a paired 95 % interval:
+Wilson intervals of the discordant pairs combined by MOVER), top-1 agreement with the reference (Wilson interval),
 max and mean |Δprobability|, per-class accuracy difference, end-to-end images/s (decode + preprocess
 + inference).
 
@@ -41,7 +41,7 @@ import numpy as np
 from runtime.classifier import softmax
 from runtime.errors import BundleError, GateFailed, KimchiEdgeError, UsageError
 from runtime.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file
-from runtime.manifest import Artifact, BundleManifest, read_manifest, write_manifest
+from runtime.manifest import Artifact, BundleManifest, read_manifest, verify_artifact, write_manifest
 
 from .progress import progress
 from .runfolder import Item, resolve_images
@@ -84,26 +84,25 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def paired_difference_interval(cand: np.ndarray, ref: np.ndarray, z: float = 1.96) -> tuple[float, float]:
     """Interval of ``mean(cand) - mean(ref)`` for paired 0/1 outcomes on the same images.
 
-    Newcombe's (1998, method 10) hybrid score interval: Wilson intervals of both proportions combined
-    with the correlation of the pairs.  Unlike a bootstrap it stays informative when the two agree on
-    every image (it is then about ±(a few)/n, not a degenerate [0, 0]).
+    The difference is ``(b - c) / n`` where ``b`` counts images only the candidate gets right and
+    ``c`` those only the reference gets right; everything else cancels.  The interval combines the
+    Wilson intervals of ``b / n`` and ``c / n`` by MOVER (Zou & Donner's "method of variance estimates
+    recovery", Newcombe's square-and-add).  It stays honest when the two agree on every image: with
+    no discordant pair in ``n`` images it is about ``±(3.84 / n)`` (the Wilson bound of 0 / n), not
+    the degenerate ``[0, 0]`` of a bootstrap.
     """
     cand, ref = np.asarray(cand, bool), np.asarray(ref, bool)
     n = len(cand)
     if n == 0:
         return (-1.0, 1.0)
-    a = int(np.sum(cand & ref))
     b = int(np.sum(cand & ~ref))
     c = int(np.sum(~cand & ref))
-    d = n - a - b - c
-    p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson_interval(a + b, n, z)
-    l2, u2 = wilson_interval(a + c, n, z)
-    den = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(den) if den > 0 else 0.0
-    delta = p1 - p2
-    lo = delta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    hi = delta + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    pb, pc = b / n, c / n
+    lb, ub = wilson_interval(b, n, z)
+    lc, uc = wilson_interval(c, n, z)
+    delta = pb - pc
+    lo = delta - math.sqrt((pb - lb) ** 2 + (uc - pc) ** 2)
+    hi = delta + math.sqrt((ub - pb) ** 2 + (pc - lc) ** 2)
     return (max(-1.0, lo), min(1.0, hi))
 
 
@@ -224,7 +223,7 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
     backend = "tensorrt" if art.format == "tensorrt" else "onnxruntime"
     try:
         clf = Classifier.from_bundle(bundle, backend=backend, artifact=art.name, threads=threads, fast_decode=fast_decode, max_pixels=None)
-    except BundleError:
+    except BundleError:  # missing or modified file: the gate must not pass over it
         raise
     except KimchiEdgeError as exc:
         if art.format == "tensorrt":
@@ -253,15 +252,10 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
 
 
 def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool) -> tuple[np.ndarray, float, float, dict]:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        raise _Skip("torch is not installed here (TorchScript is checked by kimchi-edge convert)")
     try:
         import torch
-    except ImportError as exc:
-        raise _Skip(f"torch cannot be imported here ({exc}); TorchScript is checked by kimchi-edge convert") from exc
-    from runtime.manifest import verify_artifact
+    except ImportError:
+        raise _Skip("torch is not installed here (TorchScript is checked by kimchi-edge convert)") from None
     from runtime.preprocess import Preprocessor
 
     from .torchscript import load_torchscript, torchscript_logits
@@ -381,24 +375,32 @@ def _decide(r: ArtifactResult, t: Thresholds) -> None:
 
 
 def _recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Best artifact per backend: the first in :data:`PREFERENCE` that passed (or is not yet scored)."""
-    names = {a.name for a in manifest.artifacts}
+    """Best artifact per backend: the first in :data:`PREFERENCE` that passed (or is not scored yet).
+
+    When the full-precision artifact of a backend fails, nothing is recommended for that backend: an
+    INT8 model quantized from it cannot be trusted either.
+    """
+    by_name = {a.name: a for a in manifest.artifacts}
     rec: dict[str, str] = {}
     notes: list[str] = []
     for backend, prefs in PREFERENCE.items():
-        present = [n for n in prefs if n in names]
+        present = [n for n in prefs if n in by_name]
+        if not present:
+            continue
+        if any(status.get(n) == "fail" and by_name[n].precision != "int8" for n in present):
+            notes.append(f"{', '.join(n for n in present if status.get(n) == 'fail')} failed the gate; no artifact is recommended for {backend}")
+            continue
         ok = [n for n in present if status.get(n) == "pass"] or [n for n in present if status.get(n) in (None, "", "skipped")]
         if ok:
             rec[backend] = ok[0]
         for n in present:
             if status.get(n) == "fail":
-                instead = ok[0] if ok else None
                 notes.append(
-                    f"{n} failed the gate and is not recommended; {backend} uses {instead} instead"
-                    if instead else f"{n} failed the gate; no artifact is recommended for {backend}"
+                    f"{n} failed the gate and is not recommended; {backend} uses {ok[0]} instead"
+                    if ok else f"{n} failed the gate; no artifact is recommended for {backend}"
                 )
     for backend, name in manifest.recommended.items():  # keep recommendations for backends we do not rank
-        if backend not in PREFERENCE and name in names and status.get(name) != "fail":
+        if backend not in PREFERENCE and name in by_name and status.get(name) != "fail":
             rec[backend] = name
     return rec, notes
 
@@ -457,6 +459,8 @@ def run_gate(
     unknown = [n for n in chosen if n not in known]
     if unknown:
         raise UsageError(f"bundle has no artifact {unknown[0]!r}; it has {known}")
+    for name in chosen:  # a missing or modified file stops the gate before anything is scored
+        verify_artifact(bundle, manifest.artifact(name))
 
     targets = ref.targets
     ref_ok = ref.probabilities.argmax(1) == targets
@@ -511,7 +515,11 @@ def run_gate(
             status[r.name] = r.status
     recommended, notes = _recommend(manifest, status)
     failed = [r for r in results if r.status == "fail" and r.precision != "int8"]
-    passed = not failed
+    precision = {a.name: a.precision for a in manifest.artifacts}
+    earlier = [n for n, s in status.items() if s == "fail" and precision.get(n) != "int8" and n not in {r.name for r in results if r.status != "skipped"}]
+    passed = not failed and not earlier
+    if earlier:
+        notes.append(f"{', '.join(earlier)} failed an earlier gate run and were not re-scored here")
     if failed:
         notes.insert(0, "FAILED: " + "; ".join(f"{r.name}: {r.reason}" for r in failed))
     for r in results:
@@ -538,7 +546,8 @@ def run_gate(
         write_report(bundle, manifest, report, status)
     if failed and raise_on_failure:
         raise GateFailed(
-            f"accuracy gate failed: {'; '.join(f'{r.name} {r.reason}' for r in failed)} (see {bundle / GATE_MD})"
+            f"accuracy gate failed: {'; '.join(f'{r.name} {r.reason}' for r in failed)}"
+            + (f" (see {bundle / GATE_MD})" if write else "")
         )
     return report
 
@@ -640,7 +649,8 @@ def format_markdown(report: GateReport) -> str:
         "",
         f"Thresholds: FP32/FP16 agree ≥ {t.min_agreement * 100:g}% and lose ≤ {t.max_loss_points:g} points; "
         f"INT8 loses ≤ {t.int8_max_loss_points:g} points (else not recommended).",
-        "Intervals: Wilson 95% for accuracies; Newcombe (Wilson-based, paired) 95% for the difference.",
+        "Intervals (95%): Wilson for accuracy and agreement; for Δ, Wilson intervals of the images only one side",
+        "gets right, combined by MOVER (paired: images both get right or both get wrong cancel).",
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",

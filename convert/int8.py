@@ -11,6 +11,8 @@ The normalisation nodes in front of the first convolution stay in float.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 import time
@@ -167,7 +169,8 @@ def _quantize(onnx_path, out_path, reader, meta, cal_method, method, per_channel
         fp32 = onnx.load(str(prep))
         exclude = _float_prefix_nodes(fp32)
         try:
-            with warnings.catch_warnings():
+            # the histogram calibrators print their progress with print(): keep it off the console
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 quantize_static(
                     str(prep),

@@ -95,9 +95,11 @@ def load_learner(run_or_file: str | Path, *, imports: Iterable[str] = ()) -> Any
         raise LearnerError(f"{path} is an empty (0-byte) file; re-export the learner (learn.export())")
     for spec in imports:
         import_for_unpickling(spec)
-    require("fastai.learner", extra="convert", purpose="converting a learner")
-    import torch
-    from fastai.learner import Learner
+    with warnings.catch_warnings():  # fastai's import trips torch's TorchScript deprecation warnings
+        warnings.simplefilter("ignore")
+        require("fastai.learner", extra="convert", purpose="converting a learner")
+        import torch
+        from fastai.learner import Learner
 
     try:
         with warnings.catch_warnings():

@@ -11,8 +11,11 @@ the reason is printed and recorded in the artifact details.  When both fail, the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -92,8 +95,38 @@ def ops_named_in(exc: BaseException) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _silence_fds():
+    """Silence C++-level prints (the legacy exporter dumps whole graphs to stderr when it fails)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # pragma: no cover
+        yield
+        return
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    lines = [_ANSI.sub("", ln).strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return (f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:limit]
 
 
@@ -124,7 +157,7 @@ def _export_legacy(wrapper: Any, example: Any, opset: int) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="kimchi-edge-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _silence_fds():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,
@@ -260,7 +293,8 @@ def onnx_from_learner(
         except Exception as exc:  # the exporter raises many types (ConversionError, TorchExportError, ...)
             errors.append(exc)
             ops = ops_named_in(exc)
-            fallback_reason = f"dynamo exporter failed{' on ' + ', '.join(ops) if ops else ''}: {_first_line(exc)}"
+            fallback_reason = (f"the dynamo exporter cannot translate {', '.join(ops)} ({type(exc).__name__})" if ops
+                               else f"the dynamo exporter failed: {_first_line(exc)}")
             if exporter == "auto":
                 log(f"ONNX: {fallback_reason}; falling back to the legacy TorchScript-based exporter")
     if proto is None and exporter in ("auto", "legacy"):

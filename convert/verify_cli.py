@@ -17,6 +17,7 @@ from .cli import add_gate_args, thresholds_from_args
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples in the description
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json and reference.json)")
     parser.add_argument("--images", "--data", dest="images", metavar="DATA_ROOT",
                         help="where the validation images are now (default: the folder recorded at convert time)")

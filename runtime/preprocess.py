@@ -252,6 +252,50 @@ def batch_resample_matrices(in_h: int, in_w: int, out_h: int, out_w: int, square
     return rows.astype(np.float32), np.ascontiguousarray(cols.T.astype(np.float32))
 
 
+def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A banded ``(n_out, n_in)`` matrix as ``(indices, weights)``, both ``(n_out, k)``: its non-zeros per row.
+
+    Rows with fewer than ``k`` non-zeros are padded with index 0 and weight 0.
+    """
+    nz = m != 0
+    k = max(1, int(nz.sum(axis=1).max()))
+    idx = np.zeros((m.shape[0], k), dtype=np.intp)
+    w = np.zeros((m.shape[0], k), dtype=np.float32)
+    for i in range(m.shape[0]):
+        j = np.flatnonzero(nz[i])
+        idx[i, : j.size] = j
+        w[i, : j.size] = m[i, j]
+    return idx, w
+
+
+@lru_cache(maxsize=32)
+def batch_resample_taps(in_h: int, in_w: int, out_h: int, out_w: int, square: bool, crop: float) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """:func:`batch_resample_matrices` as per-output taps: ``((row_idx, row_w), (col_idx, col_w))``.
+
+    Each output pixel depends on a handful of input rows/columns (crop + area pre-filter + bilinear),
+    so applying only the non-zero taps does the same arithmetic as the dense matrix products with a
+    few hundred times fewer multiplications and without BLAS (whose worker threads would compete
+    with the inference threads).
+    """
+    rows, cols_t = batch_resample_matrices(in_h, in_w, out_h, out_w, square, crop)
+    return _taps(rows), _taps(cols_t.T)
+
+
+def resample(arr: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``round(R @ arr @ C.T)`` per channel for an ``(H, W, 3)`` ``uint8`` image, from :func:`batch_resample_taps`."""
+    (ri, rw), (ci, cw) = taps
+    x = arr.astype(np.float32)
+    y = x[ri[:, 0]]
+    y *= rw[:, 0, None, None]
+    for k in range(1, ri.shape[1]):
+        y += rw[:, k, None, None] * x[ri[:, k]]
+    z = np.take(y, ci[:, 0], axis=1)
+    z *= cw[None, :, 0, None]
+    for k in range(1, ci.shape[1]):
+        z += cw[None, :, k, None] * np.take(y, ci[:, k], axis=1)
+    return np.clip(np.rint(z), 0, 255).astype(np.uint8)
+
+
 @dataclass
 class Preprocessor:
     """Turns images into model input exactly as the bundle says.
@@ -288,12 +332,7 @@ class Preprocessor:
         item = im.resize((tw, th), Image.BILINEAR) if im.size != (tw, th) else im
         arr = np.asarray(item, dtype=np.uint8)
         if s.batch_resize:
-            rows, cols_t = batch_resample_matrices(th, tw, s.height, s.width, s.batch_square, s.batch_crop)
-            x = arr.astype(np.float32)
-            # (H_out, H_in) x (H_in, W_in, 3) -> (H_out, W_in, 3); then columns
-            y = np.tensordot(rows, x, axes=(1, 0))
-            y = np.einsum("hwc,wk->hkc", y, cols_t, optimize=True)
-            arr = np.clip(np.rint(y), 0, 255).astype(np.uint8)
+            arr = resample(arr, batch_resample_taps(th, tw, s.height, s.width, s.batch_square, s.batch_crop))
         elif arr.shape[:2] != (s.height, s.width):  # item size is the model size
             arr = np.asarray(item.resize((s.width, s.height), Image.BILINEAR), dtype=np.uint8)
         if s.layout == "NCHW":

@@ -1,0 +1,540 @@
+"""Results of :mod:`bench.compare` -> ``BENCHMARKS.md`` and ``bench_latency.png`` (generated, never typed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from runtime.fsutil import atomic_write_bytes
+
+TITLES = {
+    "fastai": "fastai `learn.predict`",
+    "torch-eager": "torch eager (`learn.model`)",
+    "torchscript": "TorchScript",
+    "ort-fp32": "ONNX Runtime FP32 (`runtime.Classifier`)",
+    "ort-int8": "ONNX Runtime INT8, bundle's QDQ s8 (`runtime.Classifier`)",
+    "ort-int8-u8": "ONNX Runtime INT8, QDQ u8 re-quantized here (`runtime.Classifier`)",
+}
+SHORT = {"fastai": "fastai", "torch-eager": "torch eager", "torchscript": "TorchScript", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8 (bundle, s8)",
+         "ort-int8-u8": "ORT INT8 (u8, re-quantized)"}
+#: tensor -> logits at batch 1, 2 threads, measured once on this kind of box (given in the issue).
+REFERENCE_INFER_MS = {"fastai": 36.0, "torch-eager": 28.0, "ort-fp32": 18.0, "ort-int8": 6.0, "ort-int8-u8": 6.0}
+RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-u8")
+GOALS = {"speedup": 6.0, "agreement": 0.99, "peak_fraction": 0.70, "pre_share": 0.15, "cold_ms": 1000.0, "rss_mb": 200.0}
+
+
+def f(x: Any, nd: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:,.{nd}f}"
+
+
+def pct(x: Any, nd: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{nd}f} %"
+
+
+def _ok(paths: dict[str, Any], name: str) -> dict[str, Any] | None:
+    r = paths.get(name)
+    return r if r and "error" not in r else None
+
+
+def _stage(r: dict[str, Any], series: str, stage: str, q: str = "p50") -> float | None:
+    st = r.get(series, {}).get("stages_ms", {})
+    return st[stage][q] if stage in st else None
+
+
+def pre_share(r: dict[str, Any], series: str) -> float | None:
+    """Median over images of (decode + preprocess) / (bytes -> label) for one series."""
+    s = r.get(series, {}).get("stage_samples_ms", {})
+    pre = s.get("preprocess") or s.get("fastai pipeline")
+    if not s.get("decode") or not pre or not s.get("total"):
+        return None
+    shares = sorted((d + p) / t for d, p, t in zip(s["decode"], pre, s["total"]) if t > 0)
+    return shares[len(shares) // 2] if shares else None
+
+
+def peak_gflops(results: dict[str, Any]) -> tuple[float | None, str]:
+    best, where = None, ""
+    for i, p in enumerate(results.get("peak", [])):
+        if "error" in p:
+            continue
+        if best is None or p["peak_gflops"] > best:
+            best, where = p["peak_gflops"], f"{p['peak_from']}, {'before' if i == 0 else 'after'} the paths"
+    return best, where
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal with the measured figure, met or not, and by how much it was missed."""
+    paths = results["paths"]
+    base = _ok(paths, "fastai")
+    rows: list[dict[str, Any]] = []
+    for name in RUNTIME_PATHS:
+        r = _ok(paths, name)
+        if not r or not base:
+            continue
+        sp = base["batch1"]["latency_ms"]["p50"] / r["batch1"]["latency_ms"]["p50"]
+        ag = r.get("agreement", {}).get("rate")
+        met = sp >= GOALS["speedup"] and (ag or 0) >= GOALS["agreement"]
+        miss = []
+        if sp < GOALS["speedup"]:
+            need = 1 - sp / GOALS["speedup"]
+            miss.append(f"{sp:.2f}x is {GOALS['speedup'] - sp:.2f}x short (image->label must get {100 * need:.0f} % faster)")
+        if ag is not None and ag < GOALS["agreement"]:
+            miss.append(f"agreement {pct(ag)} is {100 * (GOALS['agreement'] - ag):.1f} points short")
+        a = r.get("agreement", {})
+        caveat = ""
+        if a.get("distinct_baseline_labels", 99) < 3:
+            caveat = (f" — but the baseline gives only {a['distinct_baseline_labels']} distinct label(s) to these images, so agreement "
+                      f"is nearly vacuous; max |Δp| vs fastai {f(a.get('max_abs_dprob'), 4)}")
+        rows.append({"goal": f"bytes->label batch 1 >= 6x faster than learn.predict, >= 99 % top-1 agreement ({SHORT[name]})",
+                     "measured": f"{sp:.2f}x (p50 {f(r['batch1']['latency_ms']['p50'])} vs {f(base['batch1']['latency_ms']['p50'])} ms), "
+                                 f"agreement {pct(ag)} ({a.get('agree')}/{a.get('n')}){caveat}",
+                     "met": met, "miss": "; ".join(miss)})
+    peak, _ = peak_gflops(results)
+    flops = results.get("flops", {}).get("flops")
+    r = _ok(paths, "ort-fp32")
+    if r and peak and flops:
+        infer = r["batch1"]["stages_ms"]["infer"]["p50"]
+        got = flops / (infer / 1e3) / 1e9
+        frac = got / peak
+        b32 = _batch_infer(results, "fp32", 32)
+        extra = ""
+        if b32:
+            extra = f"; batch 32: {flops / (b32 / 1e3) / 1e9:.0f} GFLOP/s = {pct(flops / (b32 / 1e3) / 1e9 / peak)}"
+        rows.append({"goal": "ORT FP32 achieves >= 70 % of the measured matmul peak",
+                     "measured": f"batch 1: {got:.0f} GFLOP/s = {pct(frac)} of {peak:.0f} GFLOP/s{extra}",
+                     "met": frac >= GOALS["peak_fraction"],
+                     "miss": "" if frac >= GOALS["peak_fraction"] else f"{100 * (GOALS['peak_fraction'] - frac):.1f} points short at batch 1 "
+                                                                        f"(inference would need {infer * frac / GOALS['peak_fraction']:.1f} ms instead of {infer:.1f})"})
+    for name in RUNTIME_PATHS:
+        r = _ok(paths, name)
+        if not r or "phone" not in r:
+            continue
+        share = pre_share(r, "phone")
+        if share is None:
+            continue
+        d, p = _stage(r, "phone", "decode"), _stage(r, "phone", "preprocess")
+        rows.append({"goal": f"decode+preprocess <= 15 % of image->label on a phone photo ({SHORT[name]})",
+                     "measured": f"{pct(share)} (decode {f(d)} + preprocess {f(p)} of {f(r['phone']['latency_ms']['p50'])} ms, p50)",
+                     "met": share <= GOALS["pre_share"],
+                     "miss": "" if share <= GOALS["pre_share"] else f"{100 * (share - GOALS['pre_share']):.1f} points over"})
+    for name in RUNTIME_PATHS:
+        r = _ok(paths, name)
+        if not r:
+            continue
+        cold = r["cold_start"]["import_ms"] + r["cold_start"]["load_ms"]
+        rss = r["memory_ready_mb"].get("VmHWM")
+        met = cold <= GOALS["cold_ms"] and (rss or 0) <= GOALS["rss_mb"]
+        miss = []
+        if cold > GOALS["cold_ms"]:
+            miss.append(f"cold start {cold - GOALS['cold_ms']:.0f} ms over")
+        if rss and rss > GOALS["rss_mb"]:
+            miss.append(f"RSS {rss - GOALS['rss_mb']:.0f} MB over")
+        rows.append({"goal": f"runtime cold start (import + bundle load) <= 1 s and RSS <= 200 MB ({SHORT[name]})",
+                     "measured": f"import {f(r['cold_start']['import_ms'], 0)} + load {f(r['cold_start']['load_ms'], 0)} = {f(cold, 0)} ms; "
+                                 f"peak RSS {f(rss, 0)} MB after the first prediction",
+                     "met": met, "miss": "; ".join(miss)})
+    return rows
+
+
+def _batch_infer(results: dict[str, Any], precision: str, b: int) -> float | None:
+    """ORT tensor -> logits ms per image at batch ``b`` from the experiments (None when absent)."""
+    ex = results.get("experiments", {})
+    if not ex or "error" in ex:
+        return None
+    ms = ex["ort"]["batches"]["ms"].get(f"{precision} batch {b}")
+    return ms["p50"] / b if ms else None
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_chart(results: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    paths = [(n, r) for n, r in results["paths"].items() if "error" not in r]
+    series = [("batch1", f"food10 photos ({results['images']['count']}, ~512 px), batch 1")]
+    if any("phone" in r for _, r in paths):
+        size = results.get("phone_photos", {}).get("size", ["?", "?"])
+        series.append(("phone", f"phone-size photos ({size[0]}x{size[1]} JPEG), batch 1"))
+    fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 0.7 * len(paths) + 2.2), squeeze=False)
+    colours = {"decode": "#4e79a7", "preprocess": "#f28e2b", "fastai pipeline": "#f28e2b", "infer": "#59a14f", "post": "#bab0ac"}
+    for ax, (key, title) in zip(axes[0], series):
+        rows = [r for _, r in paths][::-1]
+        names = [f"{SHORT.get(n, n)}\np50 {r[key]['latency_ms']['p50']:.1f} ms" if key in r else SHORT.get(n, n)
+                 for n, r in paths][::-1]
+        seen = set()
+        for y, r in enumerate(rows):
+            left = 0.0
+            st = r.get(key, {}).get("stages_ms", {})
+            for stage in ("decode", "preprocess", "fastai pipeline", "infer", "post"):
+                if stage not in st:
+                    continue
+                w = max(0.0, st[stage]["p50"])
+                label = None
+                lab = "preprocess (fastai: + pipeline overhead)" if stage in ("preprocess", "fastai pipeline") else stage
+                if lab not in seen:
+                    label, _ = lab, seen.add(lab)
+                ax.barh(y, w, left=left, color=colours[stage], label=label, height=0.6)
+                left += w
+            lat = r.get(key, {}).get("latency_ms")
+            if lat:
+                ax.errorbar([lat["p50"]], [y], xerr=[[0], [lat["p99"] - lat["p50"]]], fmt="k|", capsize=4, ms=14)
+                ax.plot([lat["p90"]], [y], "k.", ms=6)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("ms per image, image bytes -> label")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.margins(x=0.15)
+    load = results.get("loadavg_start", [])
+    fig.suptitle(f"{results['architecture']} {results['input'][0]}x{results['input'][1]}, {results['threads']} threads, "
+                 f"{results['machine']['cpu']} ({results['machine']['cpus_usable']} CPUs), load average at start {load[0] if load else '?'}\n"
+                 "bars: median of each stage; black: | p50 of the total, whisker to p99, dot p90",
+                 fontsize=9)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """A few sentences computed from this run's figures (nothing typed by hand)."""
+    paths = results["paths"]
+    base = _ok(paths, "fastai")
+    out: list[str] = []
+    if base:
+        b = base["batch1"]["latency_ms"]["p50"]
+        for name in RUNTIME_PATHS:
+            r = _ok(paths, name)
+            if r:
+                out.append(f"{SHORT[name]}: {f(r['batch1']['latency_ms']['p50'])} ms p50 from bytes to label, "
+                           f"{b / r['batch1']['latency_ms']['p50']:.2f}x faster than `learn.predict` ({f(b)} ms)")
+    ex = results.get("experiments") or {}
+    if ex and "error" not in ex:
+        fused = ex["ort"].get("fused_ops", {})
+        for label, v in fused.items():
+            total = v["QLinearConv"] + v["Conv"]
+            out.append(f"{label}: ONNX Runtime runs {v['QLinearConv']} of {total} convolutions as integer kernels "
+                       f"({v['Relu']} Relu and {v['QuantizeLinear'] + v['DequantizeLinear']} Q/DQ nodes left in float)")
+        ms = ex["ort"]["batch1"]["ms"]
+        fp_def = next((v for k, v in ms.items() if k.startswith("fp32: runtime default")), None)
+        for k in ("fp32: 1 intra-op thread", "fp32: thread spinning off"):
+            if fp_def and k in ms and ms[k]["p50"] < 0.9 * fp_def["p50"]:
+                other = ex["ort"]["batch1"]["machine"].get("cores_used_by_other_processes")
+                out.append(f"`{k.split(': ', 1)[1]}` took {ms[k]['p50'] / fp_def['p50']:.2f}x the time of the {results['threads']}-thread "
+                           f"default while other processes used {f(other, 1)} CPUs: threads that spin, or wait for a descheduled "
+                           "sibling, lose on a shared CPU; on an idle CPU the default is expected to win (not measured here)")
+    for name in ("ort-fp32",):
+        r = _ok(paths, name)
+        if r and "phone" in r:
+            sh = pre_share(r, "phone")
+            out.append(f"phone-size photo through {SHORT[name]}: decode + preprocess are {pct(sh)} of bytes -> label")
+    if not out:
+        return []
+    return ["## Summary (computed from this run)", ""] + [f"* {line}." for line in out] + [""]
+
+
+def markdown(results: dict[str, Any], chart: str | None) -> str:
+    paths = results["paths"]
+    base = _ok(paths, "fastai")
+    m = results["machine"]
+    peak, peak_where = peak_gflops(results)
+    flops = results.get("flops", {})
+    L: list[str] = []
+    L += ["# Benchmarks: fastai vs the exported model, side by side", "",
+          "<!-- GENERATED by `python -m bench.compare` — do not edit by hand; re-run the command instead. -->", "",
+          f"Generated {results['started']} by", "", "```", results["command"], "```", "",
+          f"Model: `{results['architecture']}` ({results['labels']} classes), input {results['input'][0]}x{results['input'][1]}, "
+          f"preprocessing: resize {results['preprocessing']['resize'][0]}x{results['preprocessing']['resize'][1]} "
+          f"({results['preprocessing']['method']}){' + fastai batch resample' if results['preprocessing']['batch_resize'] else ''}. "
+          f"Run folder `{results['run_dir']}`, bundle `{results['bundle']}`.", ""]
+    loads = [r["batch1"]["machine"] for r in paths.values() if "error" not in r]
+    others = [x.get("cores_used_by_other_processes") for x in loads if x.get("cores_used_by_other_processes") is not None]
+    L += ["## Machine", "",
+          f"* CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cpus_usable']} usable by this process), flags {', '.join(m['cpu_flags']) or '—'}; "
+          f"{m['memory_gb']} GB RAM; {m['platform']}, Python {m['python']}.",
+          f"* Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+          f"* Threads: `torch.set_num_threads({results['threads']})`, ONNX Runtime `intra_op_num_threads={results['threads']}` "
+          f"(inter-op 1), `OMP/MKL/OPENBLAS_NUM_THREADS={results['threads']}`.",
+          f"* Load average (1/5/15 min): {results['loadavg_start']} at the start, {results['loadavg_end']} at the end of the run "
+          f"({results['seconds']:.0f} s in all)."
+          + (f" While the batch-1 series ran, other processes used {min(others):.1f}-{max(others):.1f} of the "
+             f"{m['logical_cpus']} CPUs (from `/proc/stat`): this CPU is shared, so absolute times are inflated "
+             "and noisy; the ratios measured in this one run are the figures to trust." if others else ""), ""]
+    L += summary(results)
+    L += ["## How it is measured", "",
+          f"* Every path runs in its own fresh Python process, one after the other, on the same "
+          f"{results['images']['count']} real images ({results['images']['mb']:.1f} MB, evenly spread over the sorted files of "
+          f"`{results['images']['folder']}`) read into memory first: disk is not measured.",
+          f"* Batch 1 = one image's **bytes -> label**: decode, preprocess, inference, post-processing (softmax/argmax/label). "
+          f"{results['warmup']} warm-up predictions are excluded; then every image is timed once (p50/p90/p99 over them).",
+          "* fastai: `load_learner(learner.pkl, cpu=True)` then `learn.predict(image_bytes, rm_type_tfms=0)` (progress bar off, which "
+          "only makes fastai faster). `rm_type_tfms=0` is needed: with fastai's default, `learn.predict` on a learner exported by "
+          "`kimchi-edge train` raises `TypeError: typing.Any cannot be used with isinstance()` (fastai infers the decoder from the "
+          "type annotation of `train.data.PILImageUpright.create`, which is `Any`); `kimchi-edge convert` passes it too. Its inference is timed with forward hooks on `learn.model`; its decode is timed separately on the same bytes "
+          "with the same decoder (`PILImageUpright` = `runtime.preprocess.decode_image`); the rest is fastai's pipeline "
+          "(test DataLoader, `Resize`, batch transforms, decoding the result).",
+          "* torch eager / TorchScript: the runtime's `Preprocessor` (decode, geometry) + `Preprocessor.normalize`, then the model under "
+          "`torch.inference_mode()`. Eager needs `learn.model`, i.e. fastai to unpickle the learner: its cold start includes that.",
+          "* ONNX Runtime: `runtime.Classifier.from_bundle(bundle, backend='onnxruntime', artifact=..., threads=...)`, `predict(bytes)`; "
+          "uint8 NHWC input, normalisation inside the graph; default `fast_decode=True` (reduced-scale JPEG decode for large photos).",
+          *([f"* `ort-int8-u8`: the bundle's FP32 model re-quantized by this command (`bench.quant`): QDQ, "
+             f"{results['int8_u8']['activations']} activations, {results['int8_u8']['weights']} weights, "
+             f"{results['int8_u8']['calibration']} calibration on {results['int8_u8']['calibration_images']} training images, "
+             "put in a temporary copy of the bundle and run by `runtime.Classifier` like the others. The bundle's own INT8 file uses "
+             "symmetric int8 activations (for TensorRT); see *What was tried* for why that matters on this CPU."]
+            if results.get("int8_u8") and "error" not in results["int8_u8"] else []),
+          "* Cold start: in-process import time of the path's stack + load time (learner / TorchScript / bundle), measured from a clock "
+          "started before any heavy import; `first` = first prediction. RSS: `VmHWM` (peak resident set) of that process after the first "
+          "prediction; `peak` = `VmHWM` at the end (includes batch 32 and the images held in memory).",
+          f"* Batch 8/32: the same bytes -> labels pipeline on {', '.join(str(b) for b in results['batch_sizes'])} images per call "
+          "(fastai: `learn.get_preds(dl=learn.dls.test_dl(items, bs=N))`; runtime: `Classifier.predict_batch`).",
+          "* Agreement: top-1 label of each path vs `learn.predict` on the same images.", ""]
+
+    # main table
+    header = ["path", "p50 ms", "p90 ms", "p99 ms", "vs fastai", "decode", "preprocess", "infer", "other",
+              *[f"img/s b{b}" for b in results["batch_sizes"]], "import+load ms", "first ms", "RSS MB", "peak RSS MB", "top-1 agreement", "max |Δp|"]
+    rows = []
+    for name, r in paths.items():
+        if "error" in r:
+            rows.append([TITLES.get(name, name), f"failed: {r['error'][:80]}", *[""] * (len(header) - 2)])
+            continue
+        b1 = r["batch1"]
+        st = b1["stages_ms"]
+        speed = base["batch1"]["latency_ms"]["p50"] / b1["latency_ms"]["p50"] if base else None
+        pre = st.get("preprocess") or st.get("fastai pipeline")
+        other = st.get("post")
+        ag = r.get("agreement")
+        cold = r["cold_start"]
+        rows.append([
+            TITLES.get(name, name), f(b1["latency_ms"]["p50"]), f(b1["latency_ms"]["p90"]), f(b1["latency_ms"]["p99"]),
+            "1.00x" if name == "fastai" else (f"{speed:.2f}x" if speed else "—"),
+            f(st["decode"]["p50"], 2), f(pre["p50"], 2) + (" ¹" if "fastai pipeline" in st else ""), f(st["infer"]["p50"]),
+            f(other["p50"], 2) if other else "—",
+            *[f(r["batches"].get(str(b), {}).get("images_per_s")) for b in results["batch_sizes"]],
+            f(cold["import_ms"] + cold["load_ms"], 0) + (" ²" if name == "torch-eager" else ""), f(cold["first_predict_ms"], 0),
+            f(r["memory_ready_mb"].get("VmHWM"), 0), f(r["memory_end_mb"].get("VmHWM"), 0),
+            "baseline" if name == "fastai" else (f"{pct(ag['rate'])} ({ag['agree']}/{ag['n']})" if ag else "—"),
+            "—" if name == "fastai" or not ag else f(ag.get("max_abs_dprob"), 4),
+        ])
+    trt = results.get("tensorrt")
+    for prec in ("FP16", "INT8"):
+        rows.append([f"TensorRT {prec}", f"not measured: {trt}" if trt != "available" else "not run by this command", *[""] * (len(header) - 2)])
+    L += ["## Results (batch 1 = image bytes -> label, ms per image)", ""]
+    L += _table(header, rows)
+    if base:
+        import collections
+
+        counts = collections.Counter(base["batch1"]["labels"])
+        top, k = counts.most_common(1)[0]
+        warn = ""
+        if len(counts) < 3:
+            warn = (f"**Caveat: the baseline learner gives {len(counts)} distinct label(s) to these {len(base['batch1']['labels'])} images "
+                    f"(`{top}` to {k}): it is barely better than a constant, so top-1 agreement proves little here. "
+                    "`max |Δp|` (largest difference of any class probability vs `learn.predict`, over all images) is the figure "
+                    "that shows fidelity. Re-run this command on a trained learner for a meaningful agreement rate.** ")
+        L += ["", warn + f"Labels given by the baseline: {len(counts)} distinct; most frequent `{top}` ({k}/{len(base['batch1']['labels'])})."]
+    L += ["", "Stage columns are medians (ms); their sum differs slightly from the p50 of the total. "
+          "¹ fastai: preprocessing plus its pipeline overhead (total − decode − inference). "
+          "² includes importing fastai and unpickling the learner (the only source of `learn.model`).", ""]
+    if chart:
+        L += [f"![latency per path]({chart})", ""]
+
+    # phone photos
+    pp = results.get("phone_photos")
+    if pp:
+        L += [f"### Phone-size photos ({pp['count']} photos, {pp['size'][0]}x{pp['size'][1]} JPEG quality {pp['quality']}, "
+              f"{min(pp['mb_each']):.1f}-{max(pp['mb_each']):.1f} MB each)", "",
+              "Made from food10 photos (centre-cropped to 4:3, upscaled bicubic) in a temporary folder; each timed "
+              f"{next((r['phone']['latency_ms']['n'] // max(1, pp['count']) for r in paths.values() if 'phone' in r), '?')} times.", ""]
+        rows = []
+        for name, r in paths.items():
+            if "error" in r or "phone" not in r:
+                continue
+            ph = r["phone"]
+            st = ph["stages_ms"]
+            pre = st.get("preprocess") or st.get("fastai pipeline")
+            ag = r.get("phone_agreement")
+            rows.append([TITLES.get(name, name), f(ph["latency_ms"]["p50"]), f(ph["latency_ms"]["p99"]), f(st["decode"]["p50"]),
+                         f(pre["p50"]) + (" ¹" if "fastai pipeline" in st else ""), f(st["infer"]["p50"]), pct(pre_share(r, "phone")),
+                         "baseline" if name == "fastai" else (f"{ag['agree']}/{ag['n']}" if ag else "—")])
+        L += _table(["path", "p50 ms", "p99 ms", "decode", "preprocess", "infer", "decode+preprocess share", "same label as fastai"], rows)
+        L += ["", f"fastai decodes the full {pp['size'][0] * pp['size'][1] / 1e6:.2f} MP photo; the runtime's `Preprocessor` (used here "
+              "by torch eager, TorchScript and ONNX Runtime) lets libjpeg decode at 1/2, 1/4 or 1/8 scale as long as the result still "
+              "covers the resize target (`fast_decode=True`, the default). That changes pixels slightly, hence the agreement column.", ""]
+
+    # goals
+    L += ["## Goals", ""]
+    grows = [[g["goal"], g["measured"], "**met**" if g["met"] else "**missed**", g["miss"] or "—"] for g in goals(results)]
+    L += _table(["goal", "measured in this run", "", "missed by"], grows, "llll")
+    if _ok(paths, "ort-int8-u8"):
+        L += ["", "`ORT INT8 (u8, re-quantized)` is **not in the bundle**: this command builds it (see *How it is measured*) to show "
+              "what `kimchi-edge convert` would gain by writing an ONNX Runtime INT8 artifact with uint8 activations; the bundle's "
+              "own artifacts are the FP32 and INT8 (s8) rows."]
+    L += [""]
+
+    # compute
+    L += ["## Compute: matmul peak and the model's FLOPs", ""]
+    if "error" not in flops and flops:
+        tflops = _ok(paths, "torch-eager")
+        tf = tflops.get("torch_flop_counter_flops") if tflops else None
+        L += [f"* FLOPs per image, counted from the FP32 ONNX graph with ONNX shape inference (Conv/Gemm/MatMul MACs x 2; "
+              f"element-wise ops, pooling and activations not counted): **{flops['flops'] / 1e9:.3f} GFLOP** "
+              f"({', '.join(f'{k} {v / 1e9:.3f} GMAC' for k, v in flops['by_op'].items())}; {flops['nodes_counted']} nodes"
+              f"{', unresolved: ' + ', '.join(flops['nodes_unresolved']) if flops['nodes_unresolved'] else ''})."
+              + (f" `torch.utils.flop_counter` on `learn.model`: {tf / 1e9:.3f} GFLOP." if tf else "")]
+    else:
+        L += [f"* FLOPs: not counted ({flops.get('error', 'no result')})."]
+    for i, p in enumerate(results.get("peak", [])):
+        if "error" in p:
+            L += [f"* matmul peak ({'before' if i == 0 else 'after'}): failed: {p['error']}"]
+            continue
+        parts = ", ".join(f"{v['lib']} {v['n']}: {v['gflops_median']:.0f} (best {v['gflops_best']:.0f})" for v in p["results"].values())
+        L += [f"* Dense float32 matmul, {results['threads']} threads, {'before' if i == 0 else 'after'} the paths "
+              f"(GFLOP/s, median of repeats): {parts}; numpy BLAS: {p['numpy_blas']}."]
+    if peak:
+        L += [f"* Peak used below: **{peak:.0f} GFLOP/s** ({peak_where}): the best of the measurements, so fractions are not flattered."]
+    if peak and "error" not in flops and flops:
+        rows = []
+        for label, r, prec in (("ORT FP32", _ok(paths, "ort-fp32"), "fp32"),
+                               ("ORT INT8 bundle s8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8"), "int8"),
+                               ("ORT INT8 u8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8-u8"), "int8-u8")):
+            if not r:
+                continue
+            infer = r["batch1"]["stages_ms"]["infer"]["p50"]
+            g1 = flops["flops"] / (infer / 1e3) / 1e9
+            cells = [label, f(infer, 2), f(g1, 0), pct(g1 / peak)]
+            for b in results["batch_sizes"]:
+                ms = _batch_infer(results, prec, b)
+                cells += [f(ms, 2), pct(flops["flops"] / (ms / 1e3) / 1e9 / peak) if ms else "—"]
+            rows.append(cells)
+        hdr = ["model", "infer ms (b1)", "GFLOP/s (b1)", "of peak (b1)"]
+        for b in results["batch_sizes"]:
+            hdr += [f"ms/img b{b}", f"of peak b{b}"]
+        L += [""] + _table(hdr, rows)
+        L += ["", "Batch 1 inference is the batch-1 series' `infer` stage median; batch 8/32 are tensor -> logits per image from the "
+              "experiments process (interleaved).", ""]
+
+    # reference points
+    L += ["## Against the reference points (tensor -> logits, batch 1, 2 threads)", ""]
+    rows = []
+    for name in TITLES:
+        r = _ok(paths, name)
+        if not r:
+            continue
+        infer = r["batch1"]["stages_ms"]["infer"]["p50"]
+        ref = REFERENCE_INFER_MS.get(name)
+        rows.append([TITLES[name], f(infer, 1), f(ref, 0) if ref else "—", f"{infer / ref:.2f}x" if ref else "—"])
+    L += _table(["path", "measured infer p50 ms", "reference ms", "measured / reference"], rows)
+    L += ["", "fastai's figure is its model forward inside `learn.predict` (forward hooks), i.e. the same network as torch eager.", ""]
+
+    # experiments
+    ex = results.get("experiments")
+    L += ["## What was tried, and its measured effect", ""]
+    if ex and "error" not in ex:
+        b1 = ex["ort"]["batch1"]
+        ms = b1["ms"]
+        fp_def = next((v for k, v in ms.items() if k.startswith("fp32: runtime default")), None)
+        i8_def = next((v for k, v in ms.items() if k.startswith("int8: runtime default")), None)
+        rows = []
+        for k, v in ms.items():
+            ref = fp_def if k.startswith("fp32") else i8_def
+            rows.append([k, f(v["p50"], 2), f(v["p90"], 2), f"{v['p50'] / ref['p50']:.2f}x" if ref else "—"])
+        mach = b1["machine"]
+        L += [f"ONNX Runtime, tensor -> logits at batch 1 on one preprocessed food10 photo, all variants in one process, interleaved "
+              f"({b1['rounds']} rounds x {b1['iters']} runs each; other processes used "
+              f"{f(mach.get('cores_used_by_other_processes'), 1)} CPUs meanwhile). Ratio < 1 = faster than the runtime's default.", ""]
+        L += _table(["variant", "p50 ms", "p90 ms", "vs default"], rows)
+        for k, q in ex["ort"].get("requantized", {}).items():
+            L += [f"* re-quantized here for the comparison: {k}, {q['calibration_images']} calibration images (training split), "
+                  f"{q['seconds']:.0f} s; speed only (accuracy not scored)."]
+        fused = ex["ort"].get("fused_ops", {})
+        if fused:
+            keys = list(next(iter(fused.values())).keys())
+            L += ["", "What ONNX Runtime really runs after its graph optimisations (op counts of the optimised INT8 graphs):", ""]
+            L += _table(["model", *keys], [[k, *[str(v[c]) for c in keys]] for k, v in fused.items()])
+        for n in ex["ort"].get("notes", []):
+            L += [f"* {n}"]
+        pre = ex.get("preprocess", {})
+        if pre:
+            rows = []
+            for block in ("decode", "resample", "transform"):
+                for k, v in pre.get(block, {}).get("ms", {}).items():
+                    rows.append([k, f(v["p50"], 2), f(v["p90"], 2)])
+            L += ["", "Preprocessing, same process, interleaved:", ""]
+            L += _table(["variant", "p50 ms", "p90 ms"], rows)
+            if "resample_max_abs_diff" in pre:
+                L += ["", f"* Sparse taps vs dense matrices: max |difference| {pre['resample_max_abs_diff']} (uint8 levels; "
+                      f"float rounding at exact .5 values), {pre['resample_taps'][0]}/{pre['resample_taps'][1]} taps per output row/column. "
+                      "`tests/runtime/test_preprocess_vs_fastai.py` still passes (<= 0.5/255 + float noise from fastai)."]
+            if "phone_size" in pre:
+                L += [f"* Reduced-scale decode: a {pre['phone_size'][0]}x{pre['phone_size'][1]} JPEG decodes at "
+                      f"{pre['phone_decoded_size_fast'][0]}x{pre['phone_decoded_size_fast'][1]} (the smallest libjpeg scale covering the "
+                      f"{results['preprocessing']['resize'][0]} px resize target)."]
+        mem = ex.get("memory", {})
+        if mem:
+            L += ["", "Memory and load time of one ONNX Runtime session (fresh process each: import onnxruntime, load, one batch-1 run; "
+                  "no `runtime` import):", ""]
+            L += _table(["model, optimisation level", "import ms", "load ms", "RSS MB", "peak RSS MB"],
+                        [[k, *(["failed: " + v["error"], "", "", ""] if "error" in v else
+                               [f(v["import_ms"], 0), f(v["load_ms"], 0), f(v["rss_mb"], 0), f(v["peak_rss_mb"], 0)])]
+                         for k, v in mem.items()])
+        L += [""]
+    else:
+        L += ["Not run (`--no-experiments`)" + (f": failed: {ex['error']}" if ex else "") + ".", ""]
+
+    # GPU
+    L += ["## GPU", "",
+          f"No GPU in this run ({results.get('tensorrt')}): TensorRT FP16/INT8, torch/TorchScript on CUDA and fastai training "
+          "throughput with/without mixed precision and channels_last are **not measured here**. On a machine with TensorRT and a GPU, "
+          "build engines with `kimchi-edge build-engine BUNDLE --fp16` / `--int8` and time them with "
+          "`kimchi-edge bench BUNDLE --backend tensorrt`.", ""]
+
+    # noise per path
+    L += ["## Load during each path (batch-1 series)", ""]
+    rows = []
+    for name, r in paths.items():
+        if "error" in r:
+            continue
+        mach = r["batch1"]["machine"]
+        n = r["batch1"]["latency_ms"]["n"]
+        cpu_ms = mach["cores_used_by_this_process"] * mach["wall_s"] * 1e3 / n if mach.get("cores_used_by_this_process") else None
+        rows.append([TITLES.get(name, name), str(mach.get("loadavg_start")), f(mach.get("cores_used_by_this_process"), 2),
+                     f(mach.get("cores_used_by_other_processes"), 2), f(cpu_ms, 1), f(mach.get("wall_s"), 1), f(r.get("seconds"), 0)])
+    L += _table(["path", "load average at start", "CPUs used by this path", "CPUs used by other processes", "CPU ms per image",
+                 "series s", "process s"], rows)
+    L += ["", "CPU ms per image (CPU time of the path's process / images, all its threads) is less sensitive to other processes "
+          "than wall time, but includes threads spinning while they wait for work.", ""]
+    L += [""]
+    return "\n".join(L) + "\n"
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write the chart and the markdown; returns the files written."""
+    written = []
+    chart = write_chart(results, out_dir / "bench_latency.png")
+    if chart:
+        written.append(chart)
+    doc = out_dir / "BENCHMARKS.md"
+    atomic_write_bytes(doc, markdown(results, chart.name if chart else None).encode("utf-8"))
+    written.append(doc)
+    return written

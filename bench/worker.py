@@ -1,0 +1,405 @@
+"""One measurement in a fresh interpreter: ``python -m bench.worker CONFIG.json OUT.json``.
+
+Run by :mod:`bench.compare`, one process per inference path, so that import time, load time and
+peak memory belong to that path alone.  Nothing heavy is imported before the clock starts: the
+module imports the standard library only; each path imports its own stack inside ``load()``.
+
+Kinds (``config["kind"]``):
+
+* ``path``: one inference path (``fastai``, ``torch-eager``, ``torchscript``, ``ort-fp32``,
+  ``ort-int8``, ``ort-int8-u8``) timed from image bytes to label at batch 1 (per stage), on phone-size photos, and at
+  larger batches; cold start; peak RSS; the label of every image.
+* ``peak``: dense float32 matmul throughput (numpy and torch) at the configured thread count.
+* ``experiments``: ONNX Runtime and preprocessing variants timed side by side in one process.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+_T0_WALL = time.time()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-u8")
+
+
+# --------------------------------------------------------------------------- machine state
+
+
+def memory_mb() -> dict[str, float]:
+    """``VmRSS`` (now) and ``VmHWM`` (peak) of this process in MB (MiB)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - non-Linux
+        import resource
+
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def loadavg() -> list[float]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def _cpu_busy_ticks() -> int | None:
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()[1:]
+        v = [int(x) for x in parts]
+        # user nice system idle iowait irq softirq steal
+        return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _self_ticks() -> int | None:
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phase:
+    """Wall time, load average, and how many cores *other* processes used while a phase ran."""
+
+    def __init__(self) -> None:
+        self.load_start = loadavg()
+        self.t = time.perf_counter()
+        self.busy, self.mine = _cpu_busy_ticks(), _self_ticks()
+        self.cpu = time.process_time()
+
+    def done(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t
+        out: dict[str, Any] = {"wall_s": wall, "loadavg_start": self.load_start, "loadavg_end": loadavg(),
+                               "cores_used_by_this_process": (time.process_time() - self.cpu) / wall if wall else None}
+        busy, mine = _cpu_busy_ticks(), _self_ticks()
+        if None not in (busy, mine, self.busy, self.mine) and wall > 0:
+            hz = os.sysconf("SC_CLK_TCK")
+            out["cores_used_by_other_processes"] = max(0.0, ((busy - self.busy) - (mine - self.mine)) / hz / wall)
+        return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+# --------------------------------------------------------------------------- paths
+#
+# Each path: load() -> None (imports inside), one(data) -> (label, {stage: ms}), many(list) -> labels.
+# Stages: decode, preprocess, infer, post (softmax/argmax/label); fastai reports decode (timed apart,
+# on the same bytes), infer (forward hooks on learn.model) and the rest as "fastai pipeline".
+
+
+class FastaiPath:
+    """``load_learner`` + ``learn.predict``: what a fastai user runs today."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+
+    def load(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        import torch
+        from fastai.vision.all import load_learner
+
+        from runtime.preprocess import decode_image
+
+        t1 = time.perf_counter()
+        torch.set_num_threads(self.cfg["threads"])
+        learn = load_learner(str(Path(self.cfg["run_dir"]) / "learner.pkl"), cpu=True)
+        t2 = time.perf_counter()
+        self.torch, self.learn, self.decode_image = torch, learn, decode_image
+        self.vocab = [str(v) for v in learn.dls.vocab]
+        self._fwd: list[float] = []
+        model = learn.model
+        model.register_forward_pre_hook(lambda m, i: self._fwd.append(time.perf_counter()))
+        model.register_forward_hook(lambda m, i, o: self._fwd.append(time.perf_counter()))
+        self.bar = self.cfg.get("fastai_progress_bar", False)
+        return {"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3}
+
+    def _ctx(self):
+        from contextlib import nullcontext
+
+        return nullcontext() if self.bar else self.learn.no_bar()
+
+    def one(self, data: bytes) -> tuple[str, dict[str, float]]:
+        self._fwd.clear()
+        t0 = time.perf_counter()
+        with self._ctx():
+            # rm_type_tfms=0: keep the learner's decoder; fastai's default (None) infers it from the type annotation of
+            # train.data.PILImageUpright.create, which is typing.Any, and raises TypeError in isinstance().
+            label, _, probs = self.learn.predict(data, rm_type_tfms=0)
+        t1 = time.perf_counter()
+        self.last_probs = [float(v) for v in probs]
+        infer = (self._fwd[1] - self._fwd[0]) * 1e3 if len(self._fwd) >= 2 else float("nan")
+        d0 = time.perf_counter()
+        self.decode_image(data, max_pixels=None)
+        decode = (time.perf_counter() - d0) * 1e3
+        total = (t1 - t0) * 1e3
+        return str(label), {"decode": decode, "fastai pipeline": total - decode - infer, "infer": infer, "total": total}
+
+    def many(self, items: list[bytes]) -> list[str]:
+        dl = self.learn.dls.test_dl(items, bs=len(items), num_workers=0, rm_type_tfms=0)
+        with self._ctx():
+            probs, _ = self.learn.get_preds(dl=dl)
+        return [self.vocab[i] for i in probs.argmax(1).tolist()]
+
+
+class TorchPath:
+    """``learn.model`` (eager) or the bundle's TorchScript, fed by the runtime's preprocessing."""
+
+    def __init__(self, cfg: dict[str, Any], scripted: bool):
+        self.cfg, self.scripted = cfg, scripted
+
+    def load(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        import numpy as np
+        import torch
+
+        from runtime.manifest import read_manifest
+        from runtime.preprocess import Preprocessor
+
+        if not self.scripted:
+            from fastai.learner import load_learner
+        t1 = time.perf_counter()
+        torch.set_num_threads(self.cfg["threads"])
+        bundle = Path(self.cfg["bundle"])
+        manifest = read_manifest(bundle)
+        self.labels = list(manifest.labels)
+        self.pre = Preprocessor(manifest.preprocessing, fast_decode=self.cfg.get("fast_decode", True))
+        if self.scripted:
+            art = manifest.artifact("torchscript")
+            self.model = torch.jit.load(str(bundle / art.file), map_location="cpu").eval()
+        else:
+            self.model = load_learner(str(Path(self.cfg["run_dir"]) / "learner.pkl"), cpu=True).model.eval()
+        t2 = time.perf_counter()
+        self.np, self.torch = np, torch
+        return {"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3}
+
+    def _forward(self, x: Any) -> Any:
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(x))
+
+    def one(self, data: bytes) -> tuple[str, dict[str, float]]:
+        t0 = time.perf_counter()
+        im = self.pre.decode(data)
+        t1 = time.perf_counter()
+        x = self.pre.normalize(self.pre.transform(im)[None])
+        t2 = time.perf_counter()
+        logits = self._forward(x)
+        t3 = time.perf_counter()
+        label = self.labels[int(logits[0].argmax())]
+        t4 = time.perf_counter()
+        self.last_probs = self.torch.softmax(logits[0].float(), 0).tolist()
+        return label, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3,
+                       "post": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+
+    def many(self, items: list[bytes]) -> list[str]:
+        x = self.pre.normalize(self.np.stack([self.pre(d) for d in items]))
+        logits = self._forward(x)
+        return [self.labels[i] for i in logits.argmax(1).tolist()]
+
+    def flop_count(self) -> int | None:
+        """FLOPs of one 224x224 forward by ``torch.utils.flop_counter`` (a cross-check of the ONNX count)."""
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+        except ImportError:
+            return None
+        s = self.pre.spec
+        x = self.torch.zeros(1, 3, s.height, s.width)
+        counter = FlopCounterMode(display=False)
+        with counter, self.torch.inference_mode():
+            self.model(x)
+        return int(counter.get_total_flops())
+
+
+class OrtPath:
+    """``runtime.Classifier`` on the bundle's ONNX artifact (ONNX Runtime, CPU)."""
+
+    def __init__(self, cfg: dict[str, Any], artifact: str):
+        self.cfg, self.artifact = cfg, artifact
+
+    def load(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        import runtime
+
+        t1 = time.perf_counter()
+        self.clf = runtime.Classifier.from_bundle(self.cfg["bundle"], backend="onnxruntime", artifact=self.artifact,
+                                                  threads=self.cfg["threads"], fast_decode=self.cfg.get("fast_decode", True))
+        t2 = time.perf_counter()
+        return {"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3}
+
+    def one(self, data: bytes) -> tuple[str, dict[str, float]]:
+        t0 = time.perf_counter()
+        pred = self.clf.predict(data, top_k=1)
+        total = (time.perf_counter() - t0) * 1e3
+        self.last_probs = [float(v) for v in pred.probabilities]
+        st = pred.timings_ms
+        return pred.label, {"decode": st["decode"], "preprocess": st["preprocess"], "infer": st["infer"],
+                            "post": total - st["decode"] - st["preprocess"] - st["infer"], "total": total}
+
+    def many(self, items: list[bytes]) -> list[str]:
+        return [p.label for p in self.clf.predict_batch(items, top_k=1, batch_size=len(items))]
+
+    def info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.clf.info.items() if k not in ("labels", "bundle")}
+
+
+def make_path(cfg: dict[str, Any]) -> Any:
+    name = cfg["path"]
+    if name == "fastai":
+        return FastaiPath(cfg)
+    if name in ("torch-eager", "torchscript"):
+        return TorchPath(cfg, scripted=name == "torchscript")
+    if name.startswith("ort-"):
+        return OrtPath(cfg, cfg.get("artifact") or {"ort-fp32": "onnx-fp32", "ort-int8": "onnx-int8"}[name])
+    raise SystemExit(f"unknown path {name!r}; expected one of {PATHS}")
+
+
+def _read(files: list[str]) -> list[bytes]:
+    return [Path(f).read_bytes() for f in files]
+
+
+def _series(p: Any, images: list[bytes], warmup: int, passes: int = 1) -> dict[str, Any]:
+    for i in range(warmup):
+        p.one(images[i % len(images)])
+    phase = Phase()
+    labels: list[str] = []
+    probs: list[list[float]] = []
+    stages: dict[str, list[float]] = {}
+    for k in range(passes):
+        for data in images:
+            label, st = p.one(data)
+            if k == 0:
+                labels.append(label)
+                probs.append(p.last_probs)
+            for key, v in st.items():
+                stages.setdefault(key, []).append(v)
+    return {"labels": labels, "probabilities": probs, "latency_ms": percentiles(stages["total"]),
+            "stages_ms": {k: percentiles(v) for k, v in stages.items() if k != "total"},
+            "stage_samples_ms": {k: v for k, v in stages.items()},
+            "machine": phase.done()}
+
+
+def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
+    start_ms = (_T0_WALL - cfg["spawned_at"]) * 1e3 if cfg.get("spawned_at") else None
+    p = make_path(cfg)
+    cold = p.load()
+    first = _read(cfg["images"][:1])[0]
+    t0 = time.perf_counter()
+    p.one(first)
+    cold["first_predict_ms"] = (time.perf_counter() - t0) * 1e3
+    cold["interpreter_start_ms"] = start_ms
+    cold["ready_ms"] = (time.perf_counter() - _T0) * 1e3 + (start_ms or 0.0)
+    mem_ready = memory_mb()
+    out: dict[str, Any] = {"path": cfg["path"], "cold_start": cold, "memory_ready_mb": mem_ready, "threads": cfg["threads"]}
+    if hasattr(p, "info"):
+        out["info"] = p.info()
+    images = _read(cfg["images"])
+    out["images_bytes_mb"] = sum(map(len, images)) / 2**20
+    out["batch1"] = _series(p, images, cfg["warmup"])
+    if cfg.get("phone_images"):
+        phone = _read(cfg["phone_images"])
+        out["phone"] = _series(p, phone, min(2, cfg["warmup"]), passes=cfg.get("phone_passes", 2))
+    out["memory_after_batch1_mb"] = memory_mb()
+    batches = {}
+    for b in cfg["batch_sizes"]:
+        items = [images[i % len(images)] for i in range(b)]
+        p.many(items)  # warm-up (allocations for this batch size)
+        phase = Phase()
+        times = []
+        for _ in range(max(1, cfg["batch_iterations"].get(str(b), 2))):
+            t0 = time.perf_counter()
+            labels = p.many(items)
+            times.append((time.perf_counter() - t0) * 1e3)
+        batches[str(b)] = {"batch_size": b, "latency_ms": percentiles(times), "images_per_s": b * len(times) / (sum(times) / 1e3),
+                           "labels_match_batch1": sum(a == c for a, c in zip(labels, out["batch1"]["labels"])) / b,
+                           "machine": phase.done()}
+    out["batches"] = batches
+    out["memory_end_mb"] = memory_mb()
+    if cfg["path"] == "torch-eager" and hasattr(p, "flop_count"):
+        out["torch_flop_counter_flops"] = p.flop_count()
+    return out
+
+
+# --------------------------------------------------------------------------- matmul peak
+
+
+def run_peak(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Dense float32 matmul GFLOP/s (numpy's BLAS and torch) at ``threads`` threads."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    rng = np.random.default_rng(0)
+    results: dict[str, Any] = {}
+    for n, reps in cfg.get("sizes", [[2048, 12], [4096, 3]]):
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        flop = 2.0 * n ** 3
+        for lib, fn in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb))):
+            fn()
+            phase = Phase()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            ts.sort()
+            results[f"{lib}-{n}"] = {"lib": lib, "n": n, "reps": reps, "gflops_median": flop / ts[len(ts) // 2] / 1e9,
+                                     "gflops_best": flop / ts[0] / 1e9, "machine": phase.done()}
+    blas = "unknown"
+    try:
+        cfgs = np.show_config(mode="dicts")
+        blas = cfgs.get("Build Dependencies", {}).get("blas", {}).get("name", "unknown")
+    except Exception:  # older numpy: no dicts mode
+        pass
+    best = max(results.values(), key=lambda r: r["gflops_median"])
+    return {"results": results, "numpy_blas": blas, "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+            "peak_gflops": best["gflops_median"], "peak_from": f"{best['lib']} {best['n']}x{best['n']} (median of {best['reps']})"}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    kind = cfg.get("kind", "path")
+    if kind == "path":
+        result = run_path(cfg)
+    elif kind == "peak":
+        result = run_peak(cfg)
+    elif kind == "experiments":
+        from .experiments import run_experiments
+
+        result = run_experiments(cfg)
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    Path(argv[1]).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
