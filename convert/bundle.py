@@ -240,7 +240,7 @@ def bundle_from_run(
         if exp.fallback_reason:
             details["fallback_reason"] = exp.fallback_reason
             notes.append(f"ONNX exported with the legacy exporter: {exp.fallback_reason}")
-        artifacts.append(_artifact(tmp, "onnx-fp32", "onnx", "fp32", "uint8-nhwc", onnx_built, details))
+        artifacts.append(_artifact(tmp, "onnx-fp32", "onnx", "fp32", f"{run.meta.preprocessing.dtype}-{run.meta.preprocessing.layout.lower()}", onnx_built, details))
         seconds["onnx"] = time.perf_counter() - t
         say(f"convert: ONNX ({exp.exporter} exporter, opset {exp.opset}) in {seconds['onnx']:.1f} s")
 
@@ -252,7 +252,7 @@ def bundle_from_run(
             details = int8_from_onnx(tmp / FILES["onnx-fp32"], tmp / FILES["onnx-int8"], calib_files, run.meta,
                                      method=calib_method, batch_size=batch_size, quiet=quiet, log=log)
             details["calibration_seed"] = calib_seed
-            artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", "uint8-nhwc", onnx_built, details))
+            artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", f"{run.meta.preprocessing.dtype}-{run.meta.preprocessing.layout.lower()}", onnx_built, details))
             seconds["int8"] = time.perf_counter() - t
             say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
 

@@ -4,7 +4,7 @@
   kimchi-edge convert runs/food10 --fp16          # also a TensorRT FP16 engine (when TensorRT + GPU)
   kimchi-edge convert runs/food10 --data /new/place/of/food10
 
-Writes model.onnx (FP32, uint8 NHWC input, normalisation inside), model.int8.onnx (INT8 QDQ,
+Writes model.onnx (FP32, NHWC RGB 0-255 input, normalisation inside), model.int8.onnx (INT8 QDQ,
 calibrated on training images), model.torchscript.pt, reference.json (the learner's own
 predictions), manifest.json, gate.md and gate.json.  Exits non-zero when an FP32 artifact fails the
 gate.  learner.pkl is a pickle: convert only learners you trust.

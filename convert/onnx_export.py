@@ -1,4 +1,5 @@
-"""``learn.model`` -> one self-contained ONNX file that takes raw ``uint8`` RGB images.
+"""``learn.model`` -> one self-contained ONNX file that takes RGB pixels 0-255 (uint8, or float32 when the
+bundle's preprocessing resamples on the batch, see ``runtime.manifest.Preprocessing.dtype``).
 
 The exported graph is ``image (N, H, W, 3) uint8 -> Cast -> /255 -> (x - mean) / std -> NCHW -> model
 -> logits (N, classes)``, with mean/std read from ``model_meta.json`` (which training read from the
@@ -53,8 +54,17 @@ class OnnxExport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def _example(shape: tuple, dtype: str, gen: Any) -> Any:
+    """A random image batch in the bundle's input dtype: uint8, or float32 pixel values in [0, 255]."""
+    import torch
+
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    return x if dtype == "uint8" else x.to(torch.float32)
+
+
 def normalizing_module(model: Any, pre: Preprocessing) -> Any:
-    """Wrap ``model`` so it takes ``uint8`` images in ``pre.layout`` and does the normalisation itself."""
+    """Wrap ``model`` so it takes RGB pixel values 0-255 (``pre.dtype``: uint8, or float32 when fastai's
+    batch resample makes fractional pixels) in ``pre.layout`` and does the normalisation itself."""
     import torch
 
     class UInt8Normalize(torch.nn.Module):
@@ -180,7 +190,7 @@ def set_metadata(model: Any, meta: ModelMeta, **extra: str) -> None:
         META_PREPROCESSING: json.dumps(to_dict(pre), ensure_ascii=False),
         META_ARCHITECTURE: meta.architecture,
         META_INTERFACE: json.dumps(
-            {"input": INPUT_NAME, "dtype": "uint8", "layout": pre.layout, "channels": pre.channels,
+            {"input": INPUT_NAME, "dtype": pre.dtype, "layout": pre.layout, "channels": pre.channels,
              "height": pre.height, "width": pre.width, "output": OUTPUT_NAME, "output_kind": "logits"},
             ensure_ascii=False,
         ),
@@ -250,7 +260,7 @@ def onnx_from_learner(
     exporter: str = "auto",
     log: Callable[[str], None] = print,
 ) -> OnnxExport:
-    """Export ``learn.model`` to ``out_path`` (FP32, uint8 NHWC input, normalisation folded in).
+    """Export ``learn.model`` to ``out_path`` (FP32, NHWC 0-255 input in the bundle's dtype, normalisation folded in).
 
     Args:
         learn: a fastai learner (only ``learn.model`` is used), or a bare ``torch.nn.Module``.
@@ -283,7 +293,7 @@ def onnx_from_learner(
     wrapper = normalizing_module(model, pre)
     shape = (2, pre.height, pre.width, 3) if pre.layout == "NHWC" else (2, 3, pre.height, pre.width)
     gen = torch.Generator().manual_seed(0)
-    example = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    example = _example(shape, pre.dtype, gen)
 
     used, fallback_reason, proto = "", "", None
     errors: list[BaseException] = []
@@ -312,7 +322,7 @@ def onnx_from_learner(
 
     set_metadata(proto, meta)
     proto.doc_string = (
-        f"kimchi-edge: {meta.architecture} image classifier, {len(meta.labels)} classes; input {INPUT_NAME} uint8 "
+        f"kimchi-edge: {meta.architecture} image classifier, {len(meta.labels)} classes; input {INPUT_NAME} {pre.dtype} "
         f"(N, {pre.height}, {pre.width}, 3) RGB, output {OUTPUT_NAME} (N, {len(meta.labels)})"
     )
     check_onnx_model(proto, where="exported ONNX")
@@ -321,7 +331,7 @@ def onnx_from_learner(
     # Sanity check against torch on batches of 3 and 1 (proves the batch axis is really dynamic).
     max_diff = 0.0
     for n in (3, 1):
-        x = torch.randint(0, 256, (n, *shape[1:]), dtype=torch.uint8, generator=gen)
+        x = _example((n, *shape[1:]), pre.dtype, gen)
         with torch.no_grad():
             ref = wrapper(x).float().numpy()
         try:

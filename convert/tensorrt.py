@@ -169,14 +169,14 @@ def engine_from_onnx(
     return facts
 
 
-def engine_artifact(bundle_dir: str | Path, precision: str, facts: Mapping[str, Any]) -> Artifact:
+def engine_artifact(bundle_dir: str | Path, precision: str, facts: Mapping[str, Any], input_kind: str = "uint8-nhwc") -> Artifact:
     """The manifest entry of an engine already written to ``bundle_dir``."""
     path = Path(bundle_dir) / engine_file(precision)
     built_with = {k: str(facts[k]) for k in ("tensorrt", "cuda_driver", "gpu", "compute_capability", "polygraphy") if k in facts}
     details = {k: v for k, v in facts.items() if k not in built_with}
     return Artifact(
         name=engine_name(precision), file=path.name, format="tensorrt", precision=precision,
-        sha256=sha256_file(path), size_bytes=path.stat().st_size, input="uint8-nhwc", built_with=built_with, details=details,
+        sha256=sha256_file(path), size_bytes=path.stat().st_size, input=input_kind, built_with=built_with, details=details,
     )
 
 
@@ -211,7 +211,7 @@ def build_engines(
             Path(bundle_dir) / src.file, Path(bundle_dir) / engine_file(precision), fp16=True, int8=precision == "int8",
             timing_cache=cache, input_name=manifest.input_name, input_shape=shape, batch=batch,
         )
-        out.append(engine_artifact(bundle_dir, precision, facts))
+        out.append(engine_artifact(bundle_dir, precision, facts, input_kind=src.input))
     return out
 
 

@@ -35,7 +35,10 @@ class Preprocessing:
        preceded by fastai's area pre-filter when it downsamples by more than 2x.
 
     Normalisation ``(x / 255 - mean) / std`` is recorded here and folded into the ONNX graph, so a
-    runtime feeds ``uint8`` RGB in ``layout`` at ``height`` x ``width``.
+    runtime feeds RGB pixel values 0-255 in ``layout`` at ``height`` x ``width``, as ``dtype``:
+    ``uint8`` when the geometry is Pillow's alone (exact), ``float32`` when the batch resample makes
+    fractional pixels — rounding those to uint8 flipped 1 of 90 validation predictions of a food10 model,
+    enough to fail the FP32 gate, so they are passed on unrounded, as fastai does.
     """
 
     height: int
@@ -60,6 +63,8 @@ class Preprocessing:
             raise BundleError(f"preprocessing sizes must be positive, got {self}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise BundleError(f"preprocessing mean/std must be 3 values with std > 0, got {self.mean}/{self.std}")
+        if self.dtype not in ("uint8", "float32"):
+            raise BundleError(f"preprocessing.dtype is {self.dtype!r}; expected 'uint8' or 'float32'")
         if self.layout not in ("NHWC", "NCHW"):
             raise BundleError(f"preprocessing.layout is {self.layout!r}; expected 'NHWC' or 'NCHW'")
 

@@ -281,8 +281,12 @@ def batch_resample_taps(in_h: int, in_w: int, out_h: int, out_w: int, square: bo
     return _taps(rows), _taps(cols_t.T)
 
 
-def resample(arr: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """``round(R @ arr @ C.T)`` per channel for an ``(H, W, 3)`` ``uint8`` image, from :func:`batch_resample_taps`."""
+def resample(arr: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+             dtype: str = "float32") -> np.ndarray:
+    """``R @ arr @ C.T`` per channel for an ``(H, W, 3)`` ``uint8`` image, from :func:`batch_resample_taps`.
+
+    ``dtype="float32"`` keeps fractional pixels (what fastai feeds its model); ``"uint8"`` rounds.
+    """
     (ri, rw), (ci, cw) = taps
     x = arr.astype(np.float32)
     y = x[ri[:, 0]]
@@ -293,7 +297,9 @@ def resample(arr: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], tuple[n
     z *= cw[None, :, 0, None]
     for k in range(1, ci.shape[1]):
         z += cw[None, :, k, None] * np.take(y, ci[:, k], axis=1)
-    return np.clip(np.rint(z), 0, 255).astype(np.uint8)
+    if dtype == "uint8":
+        return np.clip(np.rint(z), 0, 255).astype(np.uint8)
+    return np.clip(z, 0, 255, out=z)
 
 
 @dataclass
@@ -322,7 +328,7 @@ class Preprocessor:
         return decode_image(src, max_pixels=self.max_pixels, draft=draft)
 
     def transform(self, im: Image.Image) -> np.ndarray:
-        """Geometry only: an RGB image -> ``uint8`` array ``(H, W, 3)`` (or ``(3, H, W)`` for NCHW)."""
+        """Geometry only: an RGB image -> pixel array ``(H, W, 3)`` (``(3, H, W)`` for NCHW) in ``spec.dtype``."""
         s = self.spec
         tw, th = s.resize_width, s.resize_height
         if s.resize_method == "crop":
@@ -332,9 +338,11 @@ class Preprocessor:
         item = im.resize((tw, th), Image.BILINEAR) if im.size != (tw, th) else im
         arr = np.asarray(item, dtype=np.uint8)
         if s.batch_resize:
-            arr = resample(arr, batch_resample_taps(th, tw, s.height, s.width, s.batch_square, s.batch_crop))
+            arr = resample(arr, batch_resample_taps(th, tw, s.height, s.width, s.batch_square, s.batch_crop), s.dtype)
         elif arr.shape[:2] != (s.height, s.width):  # item size is the model size
             arr = np.asarray(item.resize((s.width, s.height), Image.BILINEAR), dtype=np.uint8)
+        if arr.dtype != s.dtype:
+            arr = arr.astype(s.dtype)
         if s.layout == "NCHW":
             arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
         return arr
@@ -344,11 +352,11 @@ class Preprocessor:
         return self.transform(self.decode(src))
 
     def batch(self, srcs: list[ImageInput]) -> np.ndarray:
-        """Decode and transform several images into one ``uint8`` batch."""
+        """Decode and transform several images into one batch (``spec.dtype``)."""
         return np.stack([self(s) for s in srcs])
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """``uint8`` batch -> float32 NCHW ``(x/255 - mean)/std`` (what the raw network sees)."""
+        """Pixel batch (0-255) -> float32 NCHW ``(x/255 - mean)/std`` (what the raw network sees)."""
         x = batch.astype(np.float32) / 255.0
         if self.spec.layout == "NHWC":
             x = x.transpose(0, 3, 1, 2)

@@ -128,7 +128,7 @@ try:  # fastai present: the image type training decodes with (same decoder as th
         """
 
         @classmethod
-        def create(cls, fn: Any, **kwargs: Any):
+        def create(cls, fn, **kwargs):  # no annotation: fastai's type dispatch reads it (Any breaks test_dl)
             if isinstance(fn, (str, Path, bytes)):
                 return cls(decode_image(fn, max_pixels=None))
             return super().create(fn, **kwargs)

