@@ -190,7 +190,7 @@ def _quantize(onnx_path, out_path, reader, meta, cal_method, method, per_channel
             raise ConversionError(f"INT8 quantization failed: {type(exc).__name__}: {first[:300]}") from exc
         model = onnx.load(str(qpath))
     set_metadata(model, meta, **{"kimchi_edge.precision": "int8"})
-    check_onnx_model(model, where="INT8 ONNX")
+    check_onnx_model(model, where="INT8 ONNX", dtype=meta.preprocessing.dtype)
     n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise ConversionError("INT8 quantization produced no QuantizeLinear nodes")

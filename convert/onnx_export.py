@@ -214,8 +214,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
-def check_onnx_model(model: Any, *, where: str) -> None:
-    """``onnx.checker`` (full check, with shape inference) and the interface kimchi-edge promises.
+def check_onnx_model(model: Any, *, where: str, dtype: str = "uint8") -> None:
+    """``onnx.checker`` (full check, with shape inference) and the interface kimchi-edge promises
+    (one input ``image`` of the bundle's ``dtype`` with a dynamic batch axis, one self-contained file).
 
     Raises:
         ConversionError: the checker fails, the file would need external data, or the interface is wrong.
@@ -233,8 +234,12 @@ def check_onnx_model(model: Any, *, where: str) -> None:
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
         raise ConversionError(f"{where}: expected one input {INPUT_NAME!r}, found {[i.name for i in inputs]}")
     t = inputs[0].type.tensor_type
-    if t.elem_type != onnx.TensorProto.UINT8:
-        raise ConversionError(f"{where}: input {INPUT_NAME!r} is {onnx.TensorProto.DataType.Name(t.elem_type)}; expected UINT8")
+    expected = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT}[dtype]
+    if t.elem_type != expected:
+        raise ConversionError(
+            f"{where}: input {INPUT_NAME!r} is {onnx.TensorProto.DataType.Name(t.elem_type)}; "
+            f"expected {onnx.TensorProto.DataType.Name(expected)}"
+        )
     if not t.shape.dim or t.shape.dim[0].dim_value:
         raise ConversionError(f"{where}: the batch axis of {INPUT_NAME!r} is fixed; expected a dynamic batch")
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
@@ -325,7 +330,7 @@ def onnx_from_learner(
         f"kimchi-edge: {meta.architecture} image classifier, {len(meta.labels)} classes; input {INPUT_NAME} {pre.dtype} "
         f"(N, {pre.height}, {pre.width}, 3) RGB, output {OUTPUT_NAME} (N, {len(meta.labels)})"
     )
-    check_onnx_model(proto, where="exported ONNX")
+    check_onnx_model(proto, where="exported ONNX", dtype=pre.dtype)
     data = proto.SerializeToString()
 
     # Sanity check against torch on batches of 3 and 1 (proves the batch axis is really dynamic).

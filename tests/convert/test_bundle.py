@@ -94,7 +94,9 @@ def test_onnx_files_keep_their_promises(bundle):
         assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)  # one self-contained file
         (inp,) = model.graph.input
         dims = inp.type.tensor_type.shape.dim
-        assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        # the fixture's pipeline resamples on the batch, so pixels are float32 0-255 (not rounded to uint8)
+        assert manifest.preprocessing.dtype == "float32"
+        assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
         props = {p.key: p.value for p in model.metadata_props}
         assert json.loads(props["kimchi_edge.labels"]) == list(manifest.labels)
