@@ -79,7 +79,15 @@ def create_backend(
             log.info("%s", notes[-1])
             if artifact is not None and not forced_onnx:
                 artifact = None  # the engine asked for is not usable; let ONNX Runtime pick its own
-    from .onnxruntime_backend import OnnxRuntimeBackend
+    try:
+        from .onnxruntime_backend import OnnxRuntimeBackend
+    except ImportError as exc:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"ONNX Runtime is not installed ({exc}); on a Jetson install NVIDIA's onnxruntime-gpu wheel for your "
+            "JetPack, elsewhere: pip install 'kimchi-edge[onnxruntime]'"
+        ) from exc
 
     art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision)
     if verify:
