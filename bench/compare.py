@@ -168,6 +168,70 @@ def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Any) -> dic
         return result
 
 
+def slim(results: dict[str, Any]) -> None:
+    """Keep the JSON readable: probabilities are summarised by the agreement figures, samples rounded to 1 µs."""
+    for r in [*results["paths"].values(), *(results.get("one_thread") or {}).values()]:
+        for series in ("batch1", "phone"):
+            if series in r:
+                r[series].pop("probabilities", None)
+                r[series]["stage_samples_ms"] = {k: [round(x, 3) for x in v] for k, v in r[series].get("stage_samples_ms", {}).items()}
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's rounds -> one result: samples pooled, cold start and memory per round (median / max), labels of round 1."""
+    from .worker import percentiles
+
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[0] if rounds else {"error": "not run"}
+    out = dict(ok[0])
+    out["rounds"] = [{"error": r["error"]} if "error" in r else {
+        "p50_ms": r["batch1"]["latency_ms"]["p50"], "infer_p50_ms": r["batch1"]["stages_ms"]["infer"]["p50"],
+        "cold_ms": r["cold_start"]["import_ms"] + r["cold_start"]["load_ms"], "rss_ready_mb": r["memory_ready_mb"].get("VmHWM"),
+        "other_cpus": r["batch1"]["machine"].get("cores_used_by_other_processes"), "loadavg": r["batch1"]["machine"].get("loadavg_start"),
+        "seconds": r.get("seconds")} for r in rounds]
+    out["seconds"] = sum(r.get("seconds", 0) for r in rounds)
+    if len(ok) < len(rounds):
+        out["round_errors"] = [r["error"] for r in rounds if "error" in r]
+    if len(ok) == 1:
+        return out
+    for series in ("batch1", "phone"):
+        if series not in out:
+            continue
+        pooled: dict[str, list[float]] = {}
+        for r in ok:
+            for k, v in r[series]["stage_samples_ms"].items():
+                pooled.setdefault(k, []).extend(v)
+        machines = [r[series]["machine"] for r in ok]
+        out[series] = {**ok[0][series], "latency_ms": percentiles(pooled["total"]),
+                       "stages_ms": {k: percentiles(v) for k, v in pooled.items() if k != "total"},
+                       "stage_samples_ms": pooled,
+                       "labels_same_every_round": all(r[series]["labels"] == ok[0][series]["labels"] for r in ok),
+                       "machine": {**machines[0],
+                                   "wall_s": sum(m["wall_s"] for m in machines),
+                                   "cores_used_by_this_process": _mean([m.get("cores_used_by_this_process") for m in machines]),
+                                   "cores_used_by_other_processes": _mean([m.get("cores_used_by_other_processes") for m in machines]),
+                                   "rounds": machines}}
+    cold = {}
+    for k in ok[0]["cold_start"]:
+        vals = sorted(r["cold_start"][k] for r in ok if r["cold_start"].get(k) is not None)
+        cold[k] = vals[len(vals) // 2] if len(vals) % 2 else (sum(vals[len(vals) // 2 - 1: len(vals) // 2 + 1]) / 2 if vals else None)
+    out["cold_start"] = {**cold, "per_round": [r["cold_start"] for r in ok]}
+    for key in ("memory_ready_mb", "memory_after_batch1_mb", "memory_end_mb"):
+        out[key] = {m: max(r[key].get(m, 0) for r in ok) for m in ok[0][key]}
+    batches = {}
+    for b, first in ok[0]["batches"].items():
+        ips = [r["batches"][b]["images_per_s"] for r in ok if b in r["batches"]]
+        batches[b] = {**first, "images_per_s": sum(ips) / len(ips), "images_per_s_rounds": ips}
+    out["batches"] = batches
+    return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def calibration_images(run_dir: Path, count: int) -> list[str]:
     """``count`` training images of the run, evenly spread over ``split.json``'s train list (sorted by class)."""
     split = run_dir / "split.json"
@@ -206,16 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", metavar="BUNDLE", nargs="?", help="bundle of kimchi-edge convert (default RUN_DIR/bundle)")
     p.add_argument("--images", metavar="DIR", required=True, help="real images (e.g. food10/valid); read into memory first")
     p.add_argument("--out", metavar="DIR", default="docs", help="where BENCHMARKS.md, bench_latency.png and bench_results.json go (default docs/)")
-    p.add_argument("--max-images", type=int, default=100, help="images for the batch-1 series and agreement (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=60, help="images for the batch-1 series and agreement (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run every path this many times, alternating the order (ABC, CBA, ...), and pool the samples "
+                        "(default %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed predictions before each series (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / ORT intra-op threads (default %(default)s)")
     p.add_argument("--phone-photos", type=int, default=4, help="phone-size photos made by upscaling (0: none; default %(default)s)")
     p.add_argument("--phone-size", default="3000x2250", help="WIDTHxHEIGHT of the phone photos (default %(default)s)")
-    p.add_argument("--phone-passes", type=int, default=3, help="timed passes over the phone photos (default %(default)s)")
+    p.add_argument("--phone-passes", type=int, default=2, help="timed passes over the phone photos (default %(default)s)")
     p.add_argument("--batch-sizes", default="8,32", help="throughput batch sizes (default %(default)s)")
-    p.add_argument("--batch-images", type=int, default=64, help="images timed per batch size (default %(default)s)")
+    p.add_argument("--batch-images", type=int, default=32, help="images timed per batch size (default %(default)s)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--no-experiments", dest="experiments", action="store_false", help="skip the variants that were tried")
+    p.add_argument("--no-one-thread-round", dest="one_thread_round", action="store_false",
+                   help="skip the extra batch-1 round of every path at 1 thread (steadier ratios on a shared CPU)")
     p.add_argument("--calib", type=int, default=64,
                    help="training images to calibrate the re-quantized INT8 models with (ort-int8-u8; the speed-only "
                         "variants use the first 16) (default %(default)s)")
@@ -264,10 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_dir": str(run_dir), "bundle": str(bundle), "architecture": manifest.model.architecture,
         "labels": len(manifest.labels), "input": [manifest.preprocessing.height, manifest.preprocessing.width],
         "preprocessing": {"resize": [manifest.preprocessing.resize_height, manifest.preprocessing.resize_width],
-                          "method": manifest.preprocessing.resize_method, "batch_resize": manifest.preprocessing.batch_resize},
+                          "method": manifest.preprocessing.resize_method, "batch_resize": manifest.preprocessing.batch_resize,
+                          "dtype": manifest.preprocessing.dtype, "layout": manifest.preprocessing.layout},
         "threads": args.threads, "images": {"folder": str(args.images), "count": len(images),
                                             "mb": sum(f.stat().st_size for f in images) / 2**20},
-        "warmup": args.warmup, "batch_sizes": batch_sizes, "paths": {}, "gates": manifest.gate,
+        "warmup": args.warmup, "rounds": args.rounds, "batch_sizes": batch_sizes, "paths": {}, "gates": manifest.gate,
     }
     log(f"bench.compare: {len(images)} images from {args.images}; {args.threads} threads; load average {results['loadavg_start']}")
 
@@ -309,23 +379,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("matmul peak ...")
         peaks = [run_worker({**common, "kind": "peak"}, args.threads, args.timeout, log)]
         batch_iters = {str(b): max(2, args.batch_images // b) for b in batch_sizes}
+        per_path: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        for rnd in range(args.rounds):
+            order = paths if rnd % 2 == 0 else paths[::-1]  # ABC CBA: drifting load hits every path alike
+            for name in order:
+                log(f"{name} (round {rnd + 1}/{args.rounds}) ...")
+                if name == "ort-int8-u8" and u8_bundle is None:
+                    per_path[name].append({"error": f"not built: {results['int8_u8'].get('error')}"})
+                    continue
+                extra = {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
+                cfg = {**common, **extra, "kind": "path", "path": name, "images": [str(f) for f in images],
+                       "phone_images": [str(p) for p in phone], "phone_passes": args.phone_passes, "warmup": args.warmup,
+                       "batch_sizes": batch_sizes, "batch_iterations": batch_iters,
+                       "fastai_progress_bar": args.fastai_progress_bar}
+                r = run_worker(cfg, args.threads, args.timeout, log)
+                per_path[name].append(r)
+                if "error" not in r:
+                    b1 = r["batch1"]
+                    log(f"  p50 {b1['latency_ms']['p50']:.1f} ms, infer p50 {b1['stages_ms']['infer']['p50']:.1f} ms, "
+                        f"cold {r['cold_start']['import_ms'] + r['cold_start']['load_ms']:.0f} ms, "
+                        f"RSS {r['memory_ready_mb'].get('VmHWM', float('nan')):.0f} MB ({r['seconds']:.0f} s)")
         for name in paths:
-            log(f"{name} ...")
-            if name == "ort-int8-u8" and u8_bundle is None:
-                results["paths"][name] = {"error": f"not built: {results['int8_u8'].get('error')}"}
-                continue
-            extra = {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
-            cfg = {**common, **extra, "kind": "path", "path": name, "images": [str(f) for f in images],
-                   "phone_images": [str(p) for p in phone], "phone_passes": args.phone_passes, "warmup": args.warmup,
-                   "batch_sizes": batch_sizes, "batch_iterations": batch_iters,
-                   "fastai_progress_bar": args.fastai_progress_bar}
-            r = run_worker(cfg, args.threads, args.timeout, log)
-            results["paths"][name] = r
-            if "error" not in r:
-                b1 = r["batch1"]
-                log(f"  p50 {b1['latency_ms']['p50']:.1f} ms, infer p50 {b1['stages_ms']['infer']['p50']:.1f} ms, "
-                    f"cold {r['cold_start']['import_ms'] + r['cold_start']['load_ms']:.0f} ms, "
-                    f"RSS {r['memory_ready_mb'].get('VmHWM', float('nan')):.0f} MB ({r['seconds']:.0f} s)")
+            results["paths"][name] = merge_rounds(per_path[name])
+        if args.one_thread_round and args.threads != 1:
+            # OpenMP/ORT threads that spin or wait for a descheduled sibling make multi-threaded timings on a shared CPU
+            # depend on the other jobs; at 1 thread a path just gets its share of one CPU, so the ratios are steadier.
+            results["one_thread"] = {}
+            for name in paths:
+                if "error" in results["paths"][name]:
+                    continue
+                log(f"{name} (1 thread) ...")
+                extra = {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
+                r = run_worker({**common, **extra, "threads": 1, "kind": "path", "path": name, "light": True,
+                                "images": [str(f) for f in images], "warmup": args.warmup, "batch_sizes": [],
+                                "batch_iterations": {}}, 1, args.timeout, log)
+                if "error" not in r:
+                    log(f"  p50 {r['batch1']['latency_ms']['p50']:.1f} ms, infer p50 {r['batch1']['stages_ms']['infer']['p50']:.1f} ms")
+                    r["batch1"].pop("probabilities", None)
+                results["one_thread"][name] = r
         if args.experiments:
             log("experiments (variants side by side) ...")
             results["experiments"] = run_worker({**common, "kind": "experiments", "images": [str(f) for f in images[:8]],
@@ -348,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "phone" in r and "phone" in base:
             r["phone_agreement"] = agreement(r["phone"], base["phone"])
     results["images"]["files"] = [str(f) for f in images]
+    slim(results)
 
     from .report import write_report
 
@@ -356,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     atomic_write_json(out_dir / RESULTS_NAME, results)
     log(f"wrote {out_dir / RESULTS_NAME}, " + ", ".join(str(w) for w in written) + f" ({results['seconds']:.0f} s)")
-    failed = [n for n, r in results["paths"].items() if "error" in r]
+    failed = [n for n, r in results["paths"].items() if "error" in r or r.get("round_errors")]
+    if failed:
+        print(f"bench.compare: failed: {', '.join(failed)} (see {out_dir / RESULTS_NAME})", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -249,11 +249,11 @@ def preprocess_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
         arr = np.asarray(im.resize((tw, th), Image.BILINEAR), dtype=np.uint8)
         taps = batch_resample_taps(th, tw, spec.height, spec.width, spec.batch_square, spec.batch_crop)
         rs = {
-            "batch resample: sparse taps (runtime)": lambda: resample(arr, taps),
-            "batch resample: dense BLAS matrix products (before)": lambda: _dense_resample(arr, th, tw, spec),
+            f"batch resample: sparse taps (runtime, {spec.dtype} out)": lambda: resample(arr, taps, spec.dtype),
+            "batch resample: dense BLAS matrix products (before, uint8 out)": lambda: _dense_resample(arr, th, tw, spec),
         }
         out["resample"] = interleaved(rs, cfg.get("rounds", 3), cfg.get("pre_iters", 5) * 2)
-        a, b = resample(arr, taps), _dense_resample(arr, th, tw, spec)
+        a, b = resample(arr, taps, "uint8"), _dense_resample(arr, th, tw, spec)
         out["resample_max_abs_diff"] = int(np.abs(a.astype(int) - b.astype(int)).max())
         out["resample_taps"] = [int(taps[0][0].shape[1]), int(taps[1][0].shape[1])]
         full_pre = {
@@ -276,7 +276,8 @@ o.intra_op_num_threads, o.inter_op_num_threads = int(threads), 1
 o.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 t2 = time.perf_counter()
-s.run(None, {s.get_inputs()[0].name: np.zeros((1, int(h), int(w), 3), np.uint8)})
+inp = s.get_inputs()[0]
+s.run(None, {inp.name: np.zeros((1, int(h), int(w), 3), np.uint8 if "uint8" in inp.type else np.float32)})
 mem = {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
 print(json.dumps({"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "rss_mb": mem["VmRSS"], "peak_rss_mb": mem["VmHWM"]}))
 """
@@ -311,11 +312,48 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def torch_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
+    """TorchScript tensor -> logits at batch 1 with the configured threads vs 1 thread, interleaved.
+
+    The fastai baseline and torch eager run the same kernels; this shows how much of their time is
+    the thread count under the current load (OpenMP threads spin while a sibling is descheduled).
+    """
+    import torch
+
+    from runtime.manifest import read_manifest
+    from runtime.preprocess import Preprocessor
+
+    bundle = Path(cfg["bundle"])
+    manifest = read_manifest(bundle)
+    if not any(a.name == "torchscript" for a in manifest.artifacts):
+        return {"skipped": "the bundle has no TorchScript artifact"}
+    pre = Preprocessor(manifest.preprocessing)
+    x = torch.from_numpy(pre.normalize(pre(Path(cfg["images"][0]).read_bytes())[None]))
+    model = torch.jit.load(str(bundle / manifest.artifact("torchscript").file), map_location="cpu").eval()
+    th = cfg["threads"]
+
+    def with_threads(n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                return model(x)
+        return run
+
+    fns = {f"TorchScript: {th} threads (as in the paths)": with_threads(th), "TorchScript: 1 thread": with_threads(1)}
+    out = interleaved(fns, cfg.get("rounds", 3), cfg.get("torch_iters", 4))
+    torch.set_num_threads(th)
+    return out
+
+
 def run_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kimchi-bench-") as tmp:
         t0 = time.perf_counter()
         result = {"ort": ort_experiments(cfg, Path(tmp))}
         result["preprocess"] = preprocess_experiments(cfg)
         result["memory"] = memory_experiments(cfg)
+        try:
+            result["torch"] = torch_experiments(cfg)
+        except ImportError as exc:  # runtime-only install
+            result["torch"] = {"skipped": f"torch not importable: {exc}"}
         result["seconds"] = time.perf_counter() - t0
     return result

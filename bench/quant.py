@@ -89,7 +89,8 @@ def bundle_with_artifact(bundle: str | Path, model: str | Path, out: str | Path,
     import onnxruntime
 
     art = Artifact(name=name, file=target.name, format="onnx", precision="int8", sha256=sha256_file(target),
-                   size_bytes=target.stat().st_size, input="uint8-nhwc", built_with={"onnxruntime": onnxruntime.__version__},
+                   size_bytes=target.stat().st_size,
+                   input=f"{manifest.preprocessing.dtype}-{manifest.preprocessing.layout.lower()}", built_with={"onnxruntime": onnxruntime.__version__},
                    details=details or {})
     write_manifest(out, dataclasses.replace(manifest, artifacts=tuple(manifest.artifacts) + (art,)))
     return out

@@ -135,7 +135,25 @@ class FastaiPath:
         model.register_forward_pre_hook(lambda m, i: self._fwd.append(time.perf_counter()))
         model.register_forward_hook(lambda m, i, o: self._fwd.append(time.perf_counter()))
         self.bar = self.cfg.get("fastai_progress_bar", False)
+        self.predict_kwargs: dict[str, Any] = {}
+        self.note = ""
         return {"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3}
+
+    def check(self, data: bytes) -> None:
+        """Plain ``learn.predict(bytes)``, as a fastai user calls it; ``rm_type_tfms=0`` only if that raises.
+
+        fastai's ``test_dl`` decides from the type annotation of the learner's decoder
+        (``train.data.PILImageUpright.create``) whether an item still needs decoding; when that inference
+        fails (``TypeError`` for a ``typing.Any`` annotation, ``AssertionError`` for a type it does not list),
+        keeping every type transform (``rm_type_tfms=0``, as ``kimchi-edge convert`` does) runs the same decoder.
+        """
+        try:
+            with self._ctx():
+                self.learn.predict(data)
+        except (TypeError, AssertionError) as exc:
+            self.predict_kwargs = {"rm_type_tfms": 0}
+            first = " ".join(str(exc).split())[:160]
+            self.note = f"learn.predict(bytes) raised {type(exc).__name__} ({first}); timed with rm_type_tfms=0"
 
     def _ctx(self):
         from contextlib import nullcontext
@@ -146,9 +164,7 @@ class FastaiPath:
         self._fwd.clear()
         t0 = time.perf_counter()
         with self._ctx():
-            # rm_type_tfms=0: keep the learner's decoder; fastai's default (None) infers it from the type annotation of
-            # train.data.PILImageUpright.create, which is typing.Any, and raises TypeError in isinstance().
-            label, _, probs = self.learn.predict(data, rm_type_tfms=0)
+            label, _, probs = self.learn.predict(data, **self.predict_kwargs)
         t1 = time.perf_counter()
         self.last_probs = [float(v) for v in probs]
         infer = (self._fwd[1] - self._fwd[0]) * 1e3 if len(self._fwd) >= 2 else float("nan")
@@ -159,7 +175,7 @@ class FastaiPath:
         return str(label), {"decode": decode, "fastai pipeline": total - decode - infer, "infer": infer, "total": total}
 
     def many(self, items: list[bytes]) -> list[str]:
-        dl = self.learn.dls.test_dl(items, bs=len(items), num_workers=0, rm_type_tfms=0)
+        dl = self.learn.dls.test_dl(items, bs=len(items), num_workers=0, **self.predict_kwargs)
         with self._ctx():
             probs, _ = self.learn.get_preds(dl=dl)
         return [self.vocab[i] for i in probs.argmax(1).tolist()]
@@ -306,6 +322,8 @@ def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
     p = make_path(cfg)
     cold = p.load()
     first = _read(cfg["images"][:1])[0]
+    if hasattr(p, "check"):  # not timed: the first prediction below is
+        p.check(first)
     t0 = time.perf_counter()
     p.one(first)
     cold["first_predict_ms"] = (time.perf_counter() - t0) * 1e3
@@ -315,9 +333,14 @@ def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"path": cfg["path"], "cold_start": cold, "memory_ready_mb": mem_ready, "threads": cfg["threads"]}
     if hasattr(p, "info"):
         out["info"] = p.info()
+    if getattr(p, "note", ""):
+        out["note"] = p.note
     images = _read(cfg["images"])
     out["images_bytes_mb"] = sum(map(len, images)) / 2**20
     out["batch1"] = _series(p, images, cfg["warmup"])
+    if cfg.get("light"):  # batch-1 series only
+        out["memory_end_mb"] = memory_mb()
+        return out
     if cfg.get("phone_images"):
         phone = _read(cfg["phone_images"])
         out["phone"] = _series(p, phone, min(2, cfg["warmup"]), passes=cfg.get("phone_passes", 2))

@@ -118,23 +118,7 @@ def scan_dataset(root: str | Path, *, screen: bool = True, workers: int = 4) -> 
 # --------------------------------------------------------------------------- fastai glue
 
 
-try:  # fastai present: the image type training decodes with (same decoder as the runtime)
-    from fastai.vision.core import PILImage as _FastaiPILImage
-
-    class PILImageUpright(_FastaiPILImage):
-        """fastai ``PILImage`` decoded by the runtime's decoder: EXIF orientation applied, any mode -> RGB.
-
-        Training and serving therefore see the same pixels for phone photos with an orientation tag.
-        """
-
-        @classmethod
-        def create(cls, fn, **kwargs):  # no annotation: fastai's type dispatch reads it (Any breaks test_dl)
-            if isinstance(fn, (str, Path, bytes)):
-                return cls(decode_image(fn, max_pixels=None))
-            return super().create(fn, **kwargs)
-
-except ImportError:  # runtime-only install: training is unavailable anyway
-    PILImageUpright = None  # type: ignore[assignment,misc]
+from .image_type import PILImageUpright  # noqa: E402  (fastai's image type, see that module)
 
 
 class ClassFolderLabel:

@@ -63,6 +63,9 @@ def test_exported_learner_loads_back_and_predicts(tiny_run):
     label, idx, probs = learn.predict(f)
     assert str(label) in KIMCHI_CLASSES.values()
     assert float(probs.sum()) == pytest.approx(1.0, abs=1e-4)
+    # fastai picks the decoder by the image type's annotation: str paths and bytes must work too
+    assert learn.predict(str(f))[0] == label
+    assert learn.predict(f.read_bytes())[0] == label
     assert list(learn.dls.vocab) == sorted(KIMCHI_CLASSES.values())
 
 
