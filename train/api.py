@@ -6,7 +6,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class TrainConfig:
     mixed_precision: bool = True  # on GPU only
     workers: int = 0
     top_losses: int = 9
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -176,7 +175,8 @@ def train(config: TrainConfig) -> Path:
         )
         if use_cuda and config.mixed_precision:
             learn.to_channelslast()  # channels_last + mixed precision (fastai's ChannelsLast/MixedPrecision)
-        if config.quiet or not sys.stdout.isatty():
+        quiet = config.quiet or not sys.stdout.isatty()
+        if quiet:
             from fastai.callback.progress import ProgressCallback
             from fastcore.basics import noop
 
@@ -199,7 +199,7 @@ def train(config: TrainConfig) -> Path:
             lr = lr_info.get("valley") or 2e-3
         lr = float(lr or 2e-3)
 
-        history_cb = _make_history_cb()(config.quiet or not sys.stdout.isatty())
+        history_cb = _make_history_cb()(quiet)
         saver = SaveModelCallback(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False)
         cbs: list[Any] = [saver]
         if config.early_stop:
@@ -232,7 +232,7 @@ def train(config: TrainConfig) -> Path:
         names = ["valid_loss", "accuracy", "error_rate", "recall_macro", "precision_macro"]
         final = {n: float(v) for n, v in zip(names, vals)}
 
-        interp = rep.interpretation(learn, reports, top_losses=config.top_losses)
+        rep.interpretation(learn, reports, top_losses=config.top_losses)
         rep.write_history(reports, history)
         rep.plot_history(reports, history, best_epoch)
 
@@ -287,5 +287,4 @@ def train(config: TrainConfig) -> Path:
             "lr_find": lr_info, "schedule": ", ".join(schedule), "device": metrics_out["device"], "wall_s": wall,
             "metrics": final, "best_epoch": best_epoch, "epochs_run": len(history), "run_dir": str(out),
         })
-        del interp
     return out

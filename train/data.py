@@ -20,6 +20,8 @@ from typing import Any
 from runtime.errors import DataError, InvalidInputError
 from runtime.preprocess import decode_image
 
+from .image_type import PILImageUpright  # fastai's image type (None without fastai), see that module
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "valid")
 
@@ -116,9 +118,6 @@ def scan_dataset(root: str | Path, *, screen: bool = True, workers: int = 4) -> 
 
 
 # --------------------------------------------------------------------------- fastai glue
-
-
-from .image_type import PILImageUpright  # noqa: E402  (fastai's image type, see that module)
 
 
 class ClassFolderLabel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,21 +39,20 @@ def save_current_figure(path: Path, dpi: int = 110) -> None:
     plt.close("all")
 
 
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """Rows of dicts as a CSV file (UTF-8), written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_history(reports: Path, history: list[dict[str, Any]]) -> None:
     """``history.csv`` and ``history.json``: one row per epoch, with its phase."""
     atomic_write_json(reports / "history.json", history)
-    if not history:
-        return
-    cols = list(history[0].keys())
-    lines: list[str] = []
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(history)
-    lines.append(buf.getvalue())
-    atomic_write_text(reports / "history.csv", "".join(lines))
+    if history:
+        write_csv(reports / "history.csv", history, list(history[0].keys()))
 
 
 def plot_history(reports: Path, history: list[dict[str, Any]], best_epoch: int | None) -> None:
@@ -92,14 +92,8 @@ def classification_report(targets: Sequence[int], preds: Sequence[int], vocab: S
 
 
 def write_classification_report(reports: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
     atomic_write_json(reports / "classification_report.json", rows)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["class", "precision", "recall", "f1", "support"])
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(reports / "classification_report.csv", buf.getvalue())
+    write_csv(reports / "classification_report.csv", rows, ["class", "precision", "recall", "f1", "support"])
 
 
 def interpretation(learn, reports: Path, *, top_losses: int = 9) -> dict[str, Any]:
