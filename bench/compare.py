@@ -4,7 +4,7 @@ Example::
 
     python -m bench.compare runs/bench-resnet18 --images /work/shared/data/food10/valid --out docs/
 
-Every inference path runs in its own fresh interpreter (:mod:`bench.worker`), one after the other,
+Every inference path runs in its own fresh interpreter (:mod:`kimchi_edge.bench.worker`), one after the other,
 on the same image bytes read into memory:
 
 1. ``fastai``: ``load_learner`` + ``learn.predict(bytes)`` (the baseline);
@@ -12,7 +12,7 @@ on the same image bytes read into memory:
 3. ``torchscript``: the bundle's ``model.torchscript.pt``, same feed;
 4. ``ort-fp32`` / 5. ``ort-int8``: ``runtime.Classifier`` on ``model.onnx`` / ``model.int8.onnx``;
    ``ort-int8-u8``: the same on an INT8 model re-quantized here with uint8 activations
-   (:mod:`bench.quant`; what ONNX Runtime's CPU kernels fuse best), in a temporary bundle;
+   (:mod:`kimchi_edge.bench.quant`; what ONNX Runtime's CPU kernels fuse best), in a temporary bundle;
 6. TensorRT FP16/INT8: only where TensorRT and a GPU are present (else the reason is reported).
 
 Each reports batch-1 latency from image bytes to label (p50/p90/p99, split into decode, preprocess,
@@ -20,7 +20,7 @@ inference and the rest), the same on phone-size photos (made here by upscaling r
 3000x2250, JPEG quality 90, in a temporary folder), throughput at larger batches, cold start
 (import + load, first prediction), memory, and every label (top-1 agreement with the baseline).
 The same run measures this machine's dense float32 matmul throughput and the FP32 ONNX model's
-FLOPs (counted from the graph), and times the variants that were tried (:mod:`bench.experiments`).
+FLOPs (counted from the graph), and times the variants that were tried (:mod:`kimchi_edge.bench.experiments`).
 
 Writes ``OUT/bench_results.json``, ``OUT/BENCHMARKS.md`` and ``OUT/bench_latency.png``.
 """
@@ -54,7 +54,7 @@ def select_images(folder: Path, limit: int) -> list[Path]:
     """``limit`` image files spread evenly over the sorted files of ``folder`` (so every class is in)."""
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"bench.compare: no image files under {folder}")
+        raise SystemExit(f"kimchi_edge.bench.compare: no image files under {folder}")
     if len(files) <= limit:
         return files
     step = len(files) / limit
@@ -65,7 +65,7 @@ def make_phone_photos(sources: Sequence[Path], out: Path, size: tuple[int, int],
     """Phone-size JPEGs: each source cropped to the target aspect, upscaled (bicubic), saved at ``quality``."""
     from PIL import Image
 
-    from runtime.preprocess import decode_image
+    from kimchi_edge.runtime.preprocess import decode_image
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
@@ -136,9 +136,9 @@ def loadavg() -> list[float]:
 def tensorrt_status() -> str | None:
     """``None`` when TensorRT engines could be built and run here, else why not."""
     try:
-        from convert.tensorrt import tensorrt_unavailable_reason
+        from kimchi_edge.convert.tensorrt import tensorrt_unavailable_reason
     except ImportError as exc:  # runtime-only install
-        return f"convert.tensorrt not importable ({exc})"
+        return f"kimchi_edge.convert.tensorrt not importable ({exc})"
     return tensorrt_unavailable_reason()
 
 
@@ -146,7 +146,7 @@ def tensorrt_status() -> str | None:
 
 
 def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Any) -> dict[str, Any]:
-    """Run one :mod:`bench.worker` measurement in a fresh interpreter and return its JSON."""
+    """Run one :mod:`kimchi_edge.bench.worker` measurement in a fresh interpreter and return its JSON."""
     with tempfile.TemporaryDirectory(prefix="kimchi-bench-w-") as tmp:
         cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
         env = {**os.environ,
@@ -156,7 +156,7 @@ def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Any) -> dic
         cfg = {**cfg, "spawned_at": time.time()}
         cfg_path.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", str(cfg_path), str(out_path)], cwd=str(REPO), env=env,
+        proc = subprocess.run([sys.executable, "-m", "kimchi_edge.bench.worker", str(cfg_path), str(out_path)], cwd=str(REPO), env=env,
                               capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0 or not out_path.is_file():
@@ -302,25 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = [p for p in paths if p not in PATHS]
     if bad:
-        print(f"bench.compare: unknown path(s) {bad}; choose from {', '.join(PATHS)}", file=sys.stderr)
+        print(f"kimchi_edge.bench.compare: unknown path(s) {bad}; choose from {', '.join(PATHS)}", file=sys.stderr)
         return 2
     if "fastai" in paths or "torch-eager" in paths:
         if not (run_dir / "learner.pkl").is_file():
-            print(f"bench.compare: {run_dir / 'learner.pkl'} not found (RUN_DIR must be a kimchi-edge train run folder)", file=sys.stderr)
+            print(f"kimchi_edge.bench.compare: {run_dir / 'learner.pkl'} not found (RUN_DIR must be a kimchi-edge train run folder)", file=sys.stderr)
             return 2
     if not (bundle / "manifest.json").is_file():
-        print(f"bench.compare: {bundle / 'manifest.json'} not found; run kimchi-edge convert {run_dir} first", file=sys.stderr)
+        print(f"kimchi_edge.bench.compare: {bundle / 'manifest.json'} not found; run kimchi-edge convert {run_dir} first", file=sys.stderr)
         return 2
     try:
         pw, ph = (int(v) for v in args.phone_size.lower().split("x"))
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
-        print("bench.compare: --phone-size is WIDTHxHEIGHT and --batch-sizes comma-separated integers", file=sys.stderr)
+        print("kimchi_edge.bench.compare: --phone-size is WIDTHxHEIGHT and --batch-sizes comma-separated integers", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from runtime.manifest import read_manifest
+    from kimchi_edge.runtime.manifest import read_manifest
 
     manifest = read_manifest(bundle)
     images = select_images(Path(args.images), args.max_images)
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "mb": sum(f.stat().st_size for f in images) / 2**20},
         "warmup": args.warmup, "rounds": args.rounds, "batch_sizes": batch_sizes, "paths": {}, "gates": manifest.gate,
     }
-    log(f"bench.compare: {len(images)} images from {args.images}; {args.threads} threads; load average {results['loadavg_start']}")
+    log(f"kimchi_edge.bench.compare: {len(images)} images from {args.images}; {args.threads} threads; load average {results['loadavg_start']}")
 
     # FLOPs from the graph
     try:
@@ -444,13 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import write_report
 
     written = write_report(results, out_dir)
-    from runtime.fsutil import atomic_write_json
+    from kimchi_edge.runtime.fsutil import atomic_write_json
 
     atomic_write_json(out_dir / RESULTS_NAME, results)
     log(f"wrote {out_dir / RESULTS_NAME}, " + ", ".join(str(w) for w in written) + f" ({results['seconds']:.0f} s)")
     failed = [n for n, r in results["paths"].items() if "error" in r or r.get("round_errors")]
     if failed:
-        print(f"bench.compare: failed: {', '.join(failed)} (see {out_dir / RESULTS_NAME})", file=sys.stderr)
+        print(f"kimchi_edge.bench.compare: failed: {', '.join(failed)} (see {out_dir / RESULTS_NAME})", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """What was tried to make the runtime faster, each variant timed side by side in ONE process.
 
-Run by :mod:`bench.worker` (``kind: experiments``).  Variants of the same thing are interleaved
+Run by :mod:`kimchi_edge.bench.worker` (``kind: experiments``).  Variants of the same thing are interleaved
 round by round (A B C A B C ...), so a burst of load from another process hits them all alike; the
 report gives each variant's median and its ratio to the runtime's default.
 
@@ -9,7 +9,7 @@ report gives each variant's median and its ratio to the runtime's default.
   with a pre-allocated output (buffer reuse), a float NCHW input without the uint8/normalisation
   prefix; INT8 as the bundle's QDQ with symmetric int8 activations vs uint8 (asymmetric)
   activations, dedicated QDQ pairs, and QOperator, re-quantized here from the FP32 model
-  (:mod:`bench.quant`), plus which ops ONNX Runtime really fused.
+  (:mod:`kimchi_edge.bench.quant`), plus which ops ONNX Runtime really fused.
 * ONNX Runtime at batch 8/32 (tensor -> logits, per image).
 * Preprocessing: full-size vs reduced-scale JPEG decode (``fast_decode``) on a phone-size photo,
   and the batch resample as sparse taps (the runtime) vs dense matrix products through BLAS (what it
@@ -134,8 +134,8 @@ def fused_ops(path: str | Path) -> dict[str, int]:
 def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     import numpy as np
 
-    from runtime.manifest import read_manifest
-    from runtime.preprocess import Preprocessor
+    from kimchi_edge.runtime.manifest import read_manifest
+    from kimchi_edge.runtime.preprocess import Preprocessor
 
     bundle = Path(cfg["bundle"])
     manifest = read_manifest(bundle)
@@ -213,7 +213,7 @@ def _dense_resample(arr: Any, th: int, tw: int, spec: Any) -> Any:
     """The runtime's previous batch resample: dense matrix products through BLAS."""
     import numpy as np
 
-    from runtime.preprocess import batch_resample_matrices
+    from kimchi_edge.runtime.preprocess import batch_resample_matrices
 
     rows, cols_t = batch_resample_matrices(th, tw, spec.height, spec.width, spec.batch_square, spec.batch_crop)
     y = np.tensordot(rows, arr.astype(np.float32), axes=(1, 0))
@@ -225,8 +225,8 @@ def preprocess_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from runtime.manifest import read_manifest
-    from runtime.preprocess import Preprocessor, batch_resample_taps, fastai_crop_box, resample
+    from kimchi_edge.runtime.manifest import read_manifest
+    from kimchi_edge.runtime.preprocess import Preprocessor, batch_resample_taps, fastai_crop_box, resample
 
     spec = read_manifest(Path(cfg["bundle"])).preprocessing
     fast, full = Preprocessor(spec, fast_decode=True), Preprocessor(spec, fast_decode=False)
@@ -289,7 +289,7 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     import subprocess
     import sys
 
-    from runtime.manifest import read_manifest
+    from kimchi_edge.runtime.manifest import read_manifest
 
     bundle = Path(cfg["bundle"])
     manifest = read_manifest(bundle)
@@ -320,8 +320,8 @@ def torch_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from runtime.manifest import read_manifest
-    from runtime.preprocess import Preprocessor
+    from kimchi_edge.runtime.manifest import read_manifest
+    from kimchi_edge.runtime.preprocess import Preprocessor
 
     bundle = Path(cfg["bundle"])
     manifest = read_manifest(bundle)

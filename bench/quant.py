@@ -3,7 +3,7 @@
 The bundle's INT8 file is QDQ with *symmetric int8* activations (zero point 0), chosen so the same
 file feeds TensorRT's explicit quantization.  ONNX Runtime's CPU kernels fuse QDQ groups into
 integer kernels best with *uint8* activations; these helpers build such variants (same calibration
-reader and the same float prefix as :mod:`convert.int8`) and a temporary bundle that holds one, so
+reader and the same float prefix as :mod:`kimchi_edge.convert.int8`) and a temporary bundle that holds one, so
 ``runtime.Classifier`` can run it from image bytes like any other artifact.
 """
 
@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from runtime.fsutil import sha256_file
-from runtime.manifest import Artifact, read_manifest, write_manifest
+from kimchi_edge.runtime.fsutil import sha256_file
+from kimchi_edge.runtime.manifest import Artifact, read_manifest, write_manifest
 
 U8_ARTIFACT = "onnx-int8-u8"
 
@@ -31,7 +31,7 @@ def requantize(fp32: str | Path, out: str | Path, calibration: Sequence[str], sp
         fp32: the bundle's FP32 ONNX model.
         out: where the INT8 model goes.
         calibration: image files (training split) fed through the runtime's preprocessing.
-        spec: the bundle's :class:`~runtime.manifest.Preprocessing`.
+        spec: the bundle's :class:`~kimchi_edge.runtime.manifest.Preprocessing`.
         fmt: ``"QDQ"`` or ``"QOperator"``.
         activations: ``"uint8"`` (asymmetric) or ``"int8"`` (symmetric, as the bundle's file).
         dedicated_qdq: one DQ per consumer (``DedicatedQDQPair``).
@@ -42,8 +42,8 @@ def requantize(fp32: str | Path, out: str | Path, calibration: Sequence[str], sp
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from convert.int8 import ImageCalibrationReader, _float_prefix_nodes
-    from runtime.preprocess import Preprocessor
+    from kimchi_edge.convert.int8 import ImageCalibrationReader, _float_prefix_nodes
+    from kimchi_edge.runtime.preprocess import Preprocessor
 
     class Reader(ImageCalibrationReader, CalibrationDataReader):
         pass

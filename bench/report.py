@@ -1,4 +1,4 @@
-"""Results of :mod:`bench.compare` -> ``BENCHMARKS.md`` and ``bench_latency.png`` (generated, never typed)."""
+"""Results of :mod:`kimchi_edge.bench.compare` -> ``BENCHMARKS.md`` and ``bench_latency.png`` (generated, never typed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from runtime.fsutil import atomic_write_bytes
+from kimchi_edge.runtime.fsutil import atomic_write_bytes
 
 TITLES = {
     "fastai": "fastai `learn.predict`",
@@ -323,18 +323,18 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
           "over rounds, RSS the maximum.",
           "* fastai: `load_learner(learner.pkl, cpu=True)` then `learn.predict(image_bytes)` (progress bar off, which "
           "only makes fastai faster)"
-          + (f" — **{fa['note']}**, which keeps the learner's own decoder (`train.data.PILImageUpright.create`) in the "
+          + (f" — **{fa['note']}**, which keeps the learner's own decoder (`kimchi_edge.train.data.PILImageUpright.create`) in the "
              "pipeline, as `kimchi-edge convert` does: the same work a working `learn.predict(bytes)` would do"
              if (fa := paths.get("fastai", {})).get("note") else "")
           + ". Its inference is timed with forward hooks on `learn.model`; its decode is timed separately on the same bytes "
-          "with the same decoder (`PILImageUpright` = `runtime.preprocess.decode_image`); the rest is fastai's pipeline "
+          "with the same decoder (`PILImageUpright` = `kimchi_edge.runtime.preprocess.decode_image`); the rest is fastai's pipeline "
           "(test DataLoader, `Resize`, batch transforms, decoding the result).",
           "* torch eager / TorchScript: the runtime's `Preprocessor` (decode, geometry) + `Preprocessor.normalize`, then the model under "
           "`torch.inference_mode()`. Eager needs `learn.model`, i.e. fastai to unpickle the learner: its cold start includes that.",
           "* ONNX Runtime: `runtime.Classifier.from_bundle(bundle, backend='onnxruntime', artifact=..., threads=...)`, `predict(bytes)`; "
           f"{results['preprocessing'].get('dtype', 'uint8')} {results['preprocessing'].get('layout', 'NHWC')} input (pixel values 0-255), "
           "normalisation inside the graph; default `fast_decode=True` (reduced-scale JPEG decode for large photos).",
-          *([f"* `ort-int8-u8`: the bundle's FP32 model re-quantized by this command (`bench.quant`): QDQ, "
+          *([f"* `ort-int8-u8`: the bundle's FP32 model re-quantized by this command (`kimchi_edge.bench.quant`): QDQ, "
              f"{results['int8_u8']['activations']} activations, {results['int8_u8']['weights']} weights, "
              f"{results['int8_u8']['calibration']} calibration on {results['int8_u8']['calibration_images']} training images, "
              "put in a temporary copy of the bundle and run by `runtime.Classifier` like the others. The bundle's own INT8 file uses "

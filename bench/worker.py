@@ -1,6 +1,6 @@
 """One measurement in a fresh interpreter: ``python -m bench.worker CONFIG.json OUT.json``.
 
-Run by :mod:`bench.compare`, one process per inference path, so that import time, load time and
+Run by :mod:`kimchi_edge.bench.compare`, one process per inference path, so that import time, load time and
 peak memory belong to that path alone.  Nothing heavy is imported before the clock starts: the
 module imports the standard library only; each path imports its own stack inside ``load()``.
 
@@ -122,7 +122,7 @@ class FastaiPath:
         import torch
         from fastai.vision.all import load_learner
 
-        from runtime.preprocess import decode_image
+        from kimchi_edge.runtime.preprocess import decode_image
 
         t1 = time.perf_counter()
         torch.set_num_threads(self.cfg["threads"])
@@ -143,7 +143,7 @@ class FastaiPath:
         """Plain ``learn.predict(bytes)``, as a fastai user calls it; ``rm_type_tfms=0`` only if that raises.
 
         fastai's ``test_dl`` decides from the type annotation of the learner's decoder
-        (``train.data.PILImageUpright.create``) whether an item still needs decoding; when that inference
+        (``kimchi_edge.train.data.PILImageUpright.create``) whether an item still needs decoding; when that inference
         fails (``TypeError`` for a ``typing.Any`` annotation, ``AssertionError`` for a type it does not list),
         keeping every type transform (``rm_type_tfms=0``, as ``kimchi-edge convert`` does) runs the same decoder.
         """
@@ -192,8 +192,8 @@ class TorchPath:
         import numpy as np
         import torch
 
-        from runtime.manifest import read_manifest
-        from runtime.preprocess import Preprocessor
+        from kimchi_edge.runtime.manifest import read_manifest
+        from kimchi_edge.runtime.preprocess import Preprocessor
 
         if not self.scripted:
             from fastai.learner import load_learner

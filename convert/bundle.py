@@ -1,7 +1,7 @@
 """Run folder -> model bundle: every artifact, the reference predictions, the manifest, and the gate.
 
 The bundle is built under a temporary name beside its final place and renamed only when complete
-(:func:`runtime.fsutil.atomic_directory`), so an interrupted conversion never leaves a folder that
+(:func:`kimchi_edge.runtime.fsutil.atomic_directory`), so an interrupted conversion never leaves a folder that
 loads.  Everything that can be checked cheaply (run folder, labels, image paths, calibration count,
 output folder) is checked before the learner is even loaded.
 
@@ -20,9 +20,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.errors import BundleError, GateFailed, UsageError
-from runtime.fsutil import atomic_directory, atomic_write_json, sha256_file
-from runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, write_manifest
+from kimchi_edge.runtime.errors import BundleError, GateFailed, UsageError
+from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json, sha256_file
+from kimchi_edge.runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, write_manifest
 
 from .gate import REFERENCE_NAME, GateReport, Reference, Thresholds, reference_to_dict, run_gate
 from .runfolder import Item, read_run, resolve_images, stratified_sample
@@ -52,10 +52,10 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    import runtime
+    import kimchi_edge
 
     out = {"torch": torch.__version__, "fastai": fastai.__version__, "onnx": onnx.__version__,
-           "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "kimchi_edge": runtime.__version__}
+           "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "kimchi_edge": kimchi_edge.__version__}
     try:
         import onnxscript
 
@@ -92,7 +92,7 @@ def reference_from_learner(learn: Any, files: Sequence[Path], items: Sequence[It
     if p.ndim != 2 or p.shape[1] != len(labels):
         raise BundleError(f"the learner returns shape {tuple(p.shape)} for {len(files)} images; expected ({len(files)}, {len(labels)})")
     if (p < -1e-6).any() or not np.allclose(p.sum(1), 1.0, atol=1e-3):  # loss without a softmax activation
-        from runtime.classifier import softmax
+        from kimchi_edge.runtime.classifier import softmax
 
         p, note = softmax(p), "learn.get_preds + softmax (the loss function has no activation)"
     source = {"what": "fastai learner predictions on the validation files of split.json", "how": note,
@@ -149,12 +149,12 @@ def bundle_from_run(
         timing_cache: TensorRT timing cache (default: beside the bundle).
         opset: ONNX opset (>= 17).
         exporter: ``auto`` | ``dynamo`` | ``legacy``.
-        imports: modules/``.py`` files the learner's pickle needs (see :mod:`convert.learner_io`).
+        imports: modules/``.py`` files the learner's pickle needs (see :mod:`kimchi_edge.convert.learner_io`).
         gate: run the accuracy gate at the end.
         thresholds: gate thresholds.
         batch_size: batch size for the reference and the gate.
         threads: CPU threads for the gate.
-        fast_decode: score with the runtime's reduced-scale JPEG decoding (see :func:`convert.gate.run_gate`).
+        fast_decode: score with the runtime's reduced-scale JPEG decoding (see :func:`kimchi_edge.convert.gate.run_gate`).
         quiet: no progress bars, no table; errors and the verdict still print.
         log: where messages go.
 
@@ -295,6 +295,6 @@ def bundle_from_run(
     seconds["total"] = time.perf_counter() - t_all
     if failure is not None:
         raise GateFailed(str(failure).replace(str(tmp), str(out)))
-    from runtime.manifest import read_manifest
+    from kimchi_edge.runtime.manifest import read_manifest
 
     return BundleResult(path=out, manifest=read_manifest(out), gate=report, seconds=seconds, notes=notes)

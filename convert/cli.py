@@ -31,7 +31,7 @@ def add_gate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def thresholds_from_args(args: argparse.Namespace):
-    from runtime.errors import UsageError
+    from kimchi_edge.runtime.errors import UsageError
 
     from .gate import Thresholds
 

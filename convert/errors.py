@@ -1,8 +1,8 @@
-"""Errors of the convert stage: both are :class:`runtime.errors.KimchiEdgeError`, so the CLI prints one line."""
+"""Errors of the convert stage: both are :class:`kimchi_edge.runtime.errors.KimchiEdgeError`, so the CLI prints one line."""
 
 from __future__ import annotations
 
-from runtime.errors import KimchiEdgeError, UsageError
+from kimchi_edge.runtime.errors import KimchiEdgeError, UsageError
 
 
 class LearnerError(UsageError):

@@ -5,7 +5,7 @@ never torch or fastai, so ``kimchi-edge verify`` works on a Jetson.  The referen
 ``reference.json`` in the bundle: the fastai learner's own probabilities on the exact validation files
 of ``split.json``, computed by ``kimchi-edge convert`` with the fastai pipeline.  Each candidate
 artifact is fed the same image *files* through the runtime (:class:`runtime.Classifier` /
-:class:`runtime.preprocess.Preprocessor`), exactly as in deployment.
+:class:`kimchi_edge.runtime.preprocess.Preprocessor`), exactly as in deployment.
 
 Per artifact: top-1 accuracy and its difference to the reference (points, with a paired 95 % interval:
 Wilson intervals of the discordant pairs combined by MOVER), top-1 agreement with the reference (Wilson interval),
@@ -15,7 +15,7 @@ max and mean |Δprobability|, per-class accuracy difference, end-to-end images/s
 Policy (thresholds configurable, :class:`Thresholds`):
 
 * FP32/FP16 artifacts must agree with the reference on >= 99.5 % of images and lose <= 0.5 points,
-  else :class:`runtime.errors.GateFailed` (non-zero exit);
+  else :class:`kimchi_edge.runtime.errors.GateFailed` (non-zero exit);
 * INT8 artifacts may lose <= 1.0 point; otherwise they are marked not recommended and the report
   names the FP32 (ONNX Runtime) / FP16 (TensorRT) artifact used instead.
 
@@ -38,10 +38,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.classifier import softmax
-from runtime.errors import BundleError, GateFailed, KimchiEdgeError, UsageError
-from runtime.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file
-from runtime.manifest import Artifact, BundleManifest, read_manifest, verify_artifact, write_manifest
+from kimchi_edge.runtime.classifier import softmax
+from kimchi_edge.runtime.errors import BundleError, GateFailed, KimchiEdgeError, UsageError
+from kimchi_edge.runtime.fsutil import atomic_write_json, atomic_write_text, read_json, sha256_file
+from kimchi_edge.runtime.manifest import Artifact, BundleManifest, read_manifest, verify_artifact, write_manifest
 
 from .progress import progress
 from .runfolder import Item, resolve_images
@@ -218,7 +218,7 @@ class _Skip(Exception):
 
 
 def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool) -> tuple[np.ndarray, float, float, dict]:
-    from runtime.classifier import Classifier
+    from kimchi_edge.runtime.classifier import Classifier
 
     backend = "tensorrt" if art.format == "tensorrt" else "onnxruntime"
     try:
@@ -256,7 +256,7 @@ def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, file
         import torch
     except ImportError:
         raise _Skip("torch is not installed here (TorchScript is checked by kimchi-edge convert)") from None
-    from runtime.preprocess import Preprocessor
+    from kimchi_edge.runtime.preprocess import Preprocessor
 
     from .torchscript import load_torchscript, torchscript_logits
 
@@ -319,7 +319,7 @@ def embedded_mismatch(metadata: Mapping[str, str], manifest: BundleManifest) -> 
     """Compare the labels/preprocessing embedded in an ONNX file with the manifest's ('' when they agree)."""
     import json
 
-    from runtime.manifest import to_dict
+    from kimchi_edge.runtime.manifest import to_dict
 
     problems = []
     raw = metadata.get("kimchi_edge.labels")

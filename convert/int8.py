@@ -1,7 +1,7 @@
 """FP32 ONNX -> INT8 QDQ ONNX with ONNX Runtime static quantization.
 
 Calibration images come from the *training* split (never the validation images the gate scores on),
-stratified by class, and go through :class:`runtime.preprocess.Preprocessor` — the same code that
+stratified by class, and go through :class:`kimchi_edge.runtime.preprocess.Preprocessor` — the same code that
 feeds the model at inference time — so the calibrated ranges are those the deployed model sees.
 
 Defaults are chosen so the same file also feeds TensorRT's explicit quantization: QDQ format,
@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.fsutil import atomic_write_bytes
-from runtime.manifest import ModelMeta
-from runtime.preprocess import Preprocessor
+from kimchi_edge.runtime.fsutil import atomic_write_bytes
+from kimchi_edge.runtime.manifest import ModelMeta
+from kimchi_edge.runtime.preprocess import Preprocessor
 
 from .errors import ConversionError
 from .onnx_export import INPUT_NAME, check_onnx_model, set_metadata
@@ -106,10 +106,10 @@ def int8_from_onnx(
     """Quantize ``onnx_path`` to INT8 QDQ at ``out_path`` (atomically).
 
     Args:
-        onnx_path: the FP32 model from :func:`convert.onnx_export.onnx_from_learner`.
+        onnx_path: the FP32 model from :func:`kimchi_edge.convert.onnx_export.onnx_from_learner`.
         out_path: where the INT8 model goes.
         calibration_files: images from the training split (see
-            :func:`convert.runfolder.stratified_sample`).
+            :func:`kimchi_edge.convert.runfolder.stratified_sample`).
         meta: labels and preprocessing (the calibration images go through the runtime's Preprocessor).
         method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
         per_channel: per-channel weight scales.

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from runtime.errors import require
+from kimchi_edge.runtime.errors import require
 
 from .errors import LearnerError
 
@@ -69,6 +69,43 @@ def learner_path(run_or_file: str | Path) -> Path:
     return p / LEARNER_NAME if p.is_dir() else p
 
 
+#: Top-level module names of kimchi-edge 0.1, which pickled learners still refer to (``train.image_type``).
+_LEGACY_TOP = ("train", "runtime")
+
+
+def _unpickle(path: Path, torch: Any) -> Any:
+    """``torch.load`` the learner; a kimchi-edge 0.1 learner's ``train.*`` names resolve to ``kimchi_edge.train.*``.
+
+    The aliases live in ``sys.modules`` only while unpickling, so a user's own ``train`` module is never shadowed.
+    """
+    added: list[str] = []
+    try:
+        for _ in range(8):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return torch.load(path, map_location="cpu", weights_only=False)  # a pickle: trusted files only
+            except ModuleNotFoundError as exc:
+                name = exc.name or ""
+                if name.split(".")[0] not in _LEGACY_TOP or name in added:
+                    raise
+                try:
+                    module = importlib.import_module(f"kimchi_edge.{name}")
+                except ImportError:
+                    raise exc from None
+                parts = name.split(".")
+                for i in range(1, len(parts) + 1):
+                    legacy = ".".join(parts[:i])
+                    if legacy not in sys.modules:
+                        sys.modules[legacy] = importlib.import_module(f"kimchi_edge.{legacy}")
+                        added.append(legacy)
+                del module
+        raise LearnerError(f"{path} refers to too many kimchi-edge 0.1 modules to load")
+    finally:
+        for legacy in added:
+            sys.modules.pop(legacy, None)
+
+
 def load_learner(run_or_file: str | Path, *, imports: Iterable[str] = ()) -> Any:
     """Load a fastai learner exported with ``learn.export()``, on the CPU, in eval mode.
 
@@ -102,9 +139,7 @@ def load_learner(run_or_file: str | Path, *, imports: Iterable[str] = ()) -> Any
         from fastai.learner import Learner
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            learn = torch.load(path, map_location="cpu", weights_only=False)  # a pickle: trusted files only
+        learn = _unpickle(path, torch)
     except AttributeError as exc:
         m = _ATTR_RE.search(str(exc))
         if m:

@@ -1,5 +1,5 @@
 """``learn.model`` -> one self-contained ONNX file that takes RGB pixels 0-255 (uint8, or float32 when the
-bundle's preprocessing resamples on the batch, see ``runtime.manifest.Preprocessing.dtype``).
+bundle's preprocessing resamples on the batch, see ``kimchi_edge.runtime.manifest.Preprocessing.dtype``).
 
 The exported graph is ``image (N, H, W, 3) uint8 -> Cast -> /255 -> (x - mean) / std -> NCHW -> model
 -> logits (N, classes)``, with mean/std read from ``model_meta.json`` (which training read from the
@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.fsutil import atomic_write_bytes
-from runtime.manifest import ModelMeta, Preprocessing, to_dict
+from kimchi_edge.runtime.fsutil import atomic_write_bytes
+from kimchi_edge.runtime.manifest import ModelMeta, Preprocessing, to_dict
 
 from .errors import ConversionError
 

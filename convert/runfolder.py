@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from runtime.errors import BundleError, DataError, UsageError
-from runtime.fsutil import read_json
-from runtime.manifest import MODEL_META_NAME, ModelMeta, model_meta_from_dict
+from kimchi_edge.runtime.errors import BundleError, DataError, UsageError
+from kimchi_edge.runtime.fsutil import read_json
+from kimchi_edge.runtime.manifest import MODEL_META_NAME, ModelMeta, model_meta_from_dict
 
 SPLIT_NAME = "split.json"
 

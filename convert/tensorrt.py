@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from runtime.errors import MissingDependencyError
-from runtime.fsutil import atomic_write_bytes, sha256_file
-from runtime.manifest import Artifact, BundleManifest, read_manifest, write_manifest
+from kimchi_edge.runtime.errors import MissingDependencyError
+from kimchi_edge.runtime.fsutil import atomic_write_bytes, sha256_file
+from kimchi_edge.runtime.manifest import Artifact, BundleManifest, read_manifest, write_manifest
 
 PRECISIONS = ("fp16", "int8")
 #: artifact name -> the ONNX artifact it is built from
@@ -195,7 +195,7 @@ def build_engines(
         TensorRTUnavailableError: TensorRT/GPU missing.
         BundleError: the source ONNX artifact is missing from the manifest.
     """
-    from runtime.manifest import verify_artifact
+    from kimchi_edge.runtime.manifest import verify_artifact
 
     out = []
     cache = Path(timing_cache) if timing_cache else default_timing_cache(bundle_dir)

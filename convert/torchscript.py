@@ -1,7 +1,7 @@
 """``learn.model`` -> a traced TorchScript file (eval mode, float32 NCHW input already normalised).
 
 Unlike the ONNX artifacts, the TorchScript file is the raw network: feed it
-``runtime.preprocess.Preprocessor.normalize(batch)``.  torch is imported inside the functions, so
+``kimchi_edge.runtime.preprocess.Preprocessor.normalize(batch)``.  torch is imported inside the functions, so
 importing this module costs nothing and the gate can skip TorchScript where torch is absent.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.fsutil import atomic_write_bytes
-from runtime.manifest import ModelMeta
+from kimchi_edge.runtime.fsutil import atomic_write_bytes
+from kimchi_edge.runtime.manifest import ModelMeta
 
 from .errors import ConversionError
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.errors import MissingDependencyError, UsageError
+from kimchi_edge.runtime.errors import MissingDependencyError, UsageError
 
 APP = Path(__file__).resolve().with_name("app.py")
 

@@ -1,6 +1,6 @@
 """What the demo page does, without Streamlit: configuration, classifying one upload, live throttling.
 
-The Streamlit page (:mod:`mobile_demo.page`) only lays these results out, so everything here is tested
+The Streamlit page (:mod:`kimchi_edge.mobile_demo.page`) only lays these results out, so everything here is tested
 with plain pytest.  Imports: the standard library, numpy, Pillow and :mod:`runtime` — never torch or
 fastai (``tests/mobile_demo`` checks the running app's ``sys.modules``).
 """
@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.errors import KimchiEdgeError, UsageError
-from runtime.manifest import MANIFEST_NAME
-from runtime.preprocess import decode_image
+from kimchi_edge.runtime.errors import KimchiEdgeError, UsageError
+from kimchi_edge.runtime.manifest import MANIFEST_NAME
+from kimchi_edge.runtime.preprocess import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Streamlit page: three ways in (Snapshot, Upload, Live), one way to show a result.
 
-Layout only; the work is in :mod:`mobile_demo.core`.  Every bad input ends as a message on the page
+Layout only; the work is in :mod:`kimchi_edge.mobile_demo.core`.  Every bad input ends as a message on the page
 (``st.error``), never as a stopped app.  Korean labels are shown as page text (the browser's fonts
 render Hangul), never drawn into video frames.
 """
@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 import streamlit as st
 
-from runtime import Classifier
-from runtime.errors import KimchiEdgeError
+from kimchi_edge.runtime import Classifier
+from kimchi_edge.runtime.errors import KimchiEdgeError
 
 from .core import (
     MAKE_BUNDLE_HELP,

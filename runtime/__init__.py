@@ -19,9 +19,10 @@ from .errors import (
 from .manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, read_manifest
 from .preprocess import Preprocessor, decode_image
 
-__version__ = "0.1.0"
+from kimchi_edge import __version__  # the one place the version is written
 
 __all__ = [
+    "__version__",
     "Artifact",
     "BackendError",
     "Classifier",

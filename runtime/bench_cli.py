@@ -22,7 +22,7 @@ from typing import Any, Sequence
 COLD_START = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import runtime
+import kimchi_edge.runtime as runtime
 t1 = time.perf_counter()
 bundle, backend, artifact, precision, threads, image = sys.argv[1:7]
 clf = runtime.Classifier.from_bundle(bundle, backend=backend, artifact=artifact or None,
@@ -67,7 +67,7 @@ def _non_negative(text: str) -> int:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Declare the ``bench`` options."""
-    from .cli import add_model_args, positive_int
+    from .cliutil import add_model_args, positive_int
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
     parser.add_argument("--images", metavar="DIR", default=None, help="folder of real images (default: one generated photo-like JPEG)")
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     import platform
     import tempfile
 
-    from .cli import classifier_from_args
+    from .cliutil import classifier_from_args
     from .fsutil import atomic_write_json
 
     with classifier_from_args(args) as clf:

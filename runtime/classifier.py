@@ -144,7 +144,7 @@ class Classifier:
 
         Args:
             batch: ``(N, H, W, 3)`` ``uint8`` (``(N, 3, H, W)`` for NCHW bundles), as
-                :meth:`prepare` or :class:`~runtime.preprocess.Preprocessor` make it.
+                :meth:`prepare` or :class:`~kimchi_edge.runtime.preprocess.Preprocessor` make it.
 
         Returns:
             Probabilities ``(N, classes)`` in label order.

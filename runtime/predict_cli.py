@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Declare the ``predict`` options."""
-    from .cli import add_model_args
+    from .cliutil import add_model_args
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files, or folders of images")
@@ -83,7 +83,7 @@ def write_stdout(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Classify each image; print a table or JSON; return 1 when any image could not be classified."""
-    from .cli import classifier_from_args
+    from .cliutil import classifier_from_args
     from .errors import InvalidInputError, UsageError
 
     if args.top_k < 1:

@@ -307,7 +307,7 @@ class Preprocessor:
     """Turns images into model input exactly as the bundle says.
 
     Args:
-        spec: the bundle's :class:`~runtime.manifest.Preprocessing`.
+        spec: the bundle's :class:`~kimchi_edge.runtime.manifest.Preprocessing`.
         max_pixels: decompression-bomb guard (see :func:`decode_image`).
         fast_decode: let libjpeg decode large JPEGs at a reduced scale that still covers the
             resize target (big phone photos decode several times faster).

@@ -15,7 +15,7 @@ import sys
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Declare the ``serve`` options."""
-    from .cli import add_model_args
+    from .cliutil import add_model_args
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for the LAN)")
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the bundle, bind the socket, print where it listens and serve until interrupted."""
     import socket
 
-    from .cli import classifier_from_args
+    from .cliutil import classifier_from_args
     from .errors import UsageError, require
     from .server import ServerConfig, create_app
 

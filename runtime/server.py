@@ -220,7 +220,7 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     """Build the FastAPI application serving ``classifier``.
 
     Args:
-        classifier: a loaded :class:`~runtime.classifier.Classifier`.
+        classifier: a loaded :class:`~kimchi_edge.runtime.classifier.Classifier`.
         config: limits and scheduling (:class:`ServerConfig` defaults when ``None``).
 
     Returns:
@@ -240,7 +240,7 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import __version__
+    from kimchi_edge import __version__
 
     cfg = config or ServerConfig()
     n_labels = len(classifier.labels)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.fsutil import sha256_file
-from runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, write_manifest
+from kimchi_edge.runtime.fsutil import sha256_file
+from kimchi_edge.runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, write_manifest
 
 COLOR_LABELS = ("빨강 red", "초록 green", "파랑 blue")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import DataError, UsageError
-from runtime.fsutil import atomic_directory, atomic_write_json
-from runtime.manifest import MODEL_META_NAME, ModelMeta, to_dict
+from kimchi_edge.runtime.errors import DataError, UsageError
+from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json
+from kimchi_edge.runtime.manifest import MODEL_META_NAME, ModelMeta, to_dict
 
 LEARNER_NAME = "learner.pkl"
 SPLIT_NAME = "split.json"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.errors import UsageError
+from kimchi_edge.runtime.errors import UsageError
 
 from .archs_names import ARCHS, TIMM_ARCHS, TORCHVISION_ARCHS  # noqa: F401
 
@@ -82,7 +82,7 @@ def efficientnet_lite0_weights(cache_dir: Path | None = None, source: str | None
         return out
     import timm
 
-    from runtime.fsutil import atomic_write_bytes
+    from kimchi_edge.runtime.fsutil import atomic_write_bytes
 
     src = torch.load(source, map_location="cpu", weights_only=True)
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()

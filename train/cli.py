@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from train.archs_names import ARCHS
+    from kimchi_edge.train.archs_names import ARCHS
 
     p.add_argument("data", type=Path, help="dataset folder (folder per class, or train/ + valid/)")
     p.add_argument("--out", type=Path, default=None, help="run folder to create (default: runs/<data>-<arch>)")
@@ -46,7 +46,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from train.api import TrainConfig
+    from kimchi_edge.train.api import TrainConfig
 
     out = args.out or Path("runs") / f"{Path(args.data).resolve().name}-{args.arch}"
     return TrainConfig(
@@ -61,10 +61,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.errors import require
+    from kimchi_edge.runtime.errors import require
 
     require("fastai.vision.all", extra="train", purpose="kimchi-edge train")
-    from train.api import train
+    from kimchi_edge.train.api import train
 
     run_dir = train(config_from_args(args))
     summary = (run_dir / "summary.md").read_text(encoding="utf-8")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import DataError, InvalidInputError
-from runtime.preprocess import decode_image
+from kimchi_edge.runtime.errors import DataError, InvalidInputError
+from kimchi_edge.runtime.preprocess import decode_image
 
 from .image_type import PILImageUpright  # fastai's image type (None without fastai), see that module
 
@@ -156,7 +156,7 @@ def make_dataloaders(
     ``augment`` scales the augmentation strength (``aug_transforms(mult=augment)``); 0 turns it off;
     ``flip=False`` for data where a mirror image is another class (digits, text).
     Normalisation is added by ``vision_learner`` from the architecture's pretrained statistics (and
-    read back from the pipeline afterwards, see :func:`train.spec.preprocessing_from_dls`).
+    read back from the pipeline afterwards, see :func:`kimchi_edge.train.spec.preprocessing_from_dls`).
     """
     from fastai.vision.all import (
         CategoryBlock,

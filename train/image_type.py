@@ -7,7 +7,7 @@ string annotation would make it ``Any`` and break them.
 
 from pathlib import Path
 
-from runtime.preprocess import decode_image
+from kimchi_edge.runtime.preprocess import decode_image
 
 try:  # fastai present: the image type training decodes with (same decoder as the runtime)
     from fastai.vision.core import PILImage

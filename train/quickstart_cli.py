@@ -21,12 +21,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.cli import main as cli_main
-    from runtime.errors import KimchiEdgeError, require
+    from kimchi_edge.cli import main as cli_main
+    from kimchi_edge.runtime.errors import KimchiEdgeError, require
 
     require("fastai.vision.all", extra="train", purpose="kimchi-edge quickstart")
-    from train.api import TrainConfig, train
-    from train.sample import write_digits_sample
+    from kimchi_edge.train.api import TrainConfig, train
+    from kimchi_edge.train.sample import write_digits_sample
 
     t0 = time.time()
     data = args.data

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from runtime.fsutil import atomic_write_json, atomic_write_text
+from kimchi_edge.runtime.fsutil import atomic_write_json, atomic_write_text
 
 
 def setup_matplotlib() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from runtime.errors import MissingDependencyError
+from kimchi_edge.runtime.errors import MissingDependencyError
 
 KOREAN_DIGITS = ("영", "일", "이", "삼", "사", "오", "육", "칠", "팔", "구")
 SAMPLE_LABELS = tuple(f"{d} {k}" for d, k in enumerate(KOREAN_DIGITS))
@@ -31,7 +31,7 @@ def write_digits_sample(out: str | Path, *, per_class: int | None = None, size: 
     import numpy as np
     from PIL import Image
 
-    from runtime.fsutil import atomic_write_bytes
+    from kimchi_edge.runtime.fsutil import atomic_write_bytes
 
     digits = load_digits()
     out = Path(out)

@@ -12,7 +12,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.sample import write_digits_sample
+    from kimchi_edge.train.sample import write_digits_sample
 
     out = write_digits_sample(args.out, per_class=args.per_class)
     n = sum(1 for _ in out.rglob("*.png"))

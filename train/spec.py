@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.errors import DataError
-from runtime.manifest import Preprocessing
-from runtime.preprocess import Preprocessor
+from kimchi_edge.runtime.errors import DataError
+from kimchi_edge.runtime.manifest import Preprocessing
+from kimchi_edge.runtime.preprocess import Preprocessor
 
 # Batch transforms that are identity on the validation set unless they resize.
 _TRAIN_ONLY_OK = {"Brightness", "Contrast", "Saturation", "Hue", "LightingTfm", "RandomErasing"}
@@ -23,7 +23,7 @@ def _hw(size: Any) -> tuple[int, int]:
 
 
 def preprocessing_from_dls(dls) -> Preprocessing:
-    """Describe ``dls.valid``'s transform as a :class:`~runtime.manifest.Preprocessing`.
+    """Describe ``dls.valid``'s transform as a :class:`~kimchi_edge.runtime.manifest.Preprocessing`.
 
     Raises:
         DataError: the pipeline contains a transform the bundle cannot express (named).

@@ -2,7 +2,7 @@
 
 A TensorRT engine only runs on the TensorRT version and GPU it was built for ("delete your .engine files
 after an upgrade").  The bundle therefore records, beside each engine, the facts it was built with
-(written by ``convert.tensorrt``: ``Artifact.built_with`` has ``tensorrt``, ``compute_capability``,
+(written by ``kimchi_edge.convert.tensorrt``: ``Artifact.built_with`` has ``tensorrt``, ``compute_capability``,
 ``gpu``; ``Artifact.details`` has ``onnx_file``/``onnx_sha256`` of the ONNX it came from).  Before
 touching the engine we compare those facts with what is installed (:func:`engine_mismatches`, a pure
 function) and explain any difference with the command that fixes it

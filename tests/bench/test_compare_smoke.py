@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 def tiny_bundle(tmp_path_factory):
     pytest.importorskip("fastai")
     pytest.importorskip("onnx")
-    from convert.bundle import bundle_from_run
-    from train.api import TrainConfig, train
-    from train.sample import write_digits_sample
+    from kimchi_edge.convert.bundle import bundle_from_run
+    from kimchi_edge.train.api import TrainConfig, train
+    from kimchi_edge.train.sample import write_digits_sample
 
     root = tmp_path_factory.mktemp("bench")
     data = write_digits_sample(root / "data", per_class=8)
@@ -30,7 +30,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_compare_writes_doc_chart_and_json(tiny_bundle, tmp_path):
-    from bench.compare import PATHS, main
+    from kimchi_edge.bench.compare import PATHS, main
 
     data, run = tiny_bundle
     out = tmp_path / "docs"

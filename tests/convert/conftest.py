@@ -1,4 +1,4 @@
-"""One real pipeline for the convert tests: synthetic photos -> ``train.api.train`` -> run folder -> bundle.
+"""One real pipeline for the convert tests: synthetic photos -> ``kimchi_edge.train.api.train`` -> run folder -> bundle.
 
 The images are generated (no download, no ``../shared``): three colour classes with Korean names,
 random sizes and aspect ratios, gradients and noise, 3 of 4 saved as JPEG and 1 of 4 as PNG, so the
@@ -49,7 +49,7 @@ def run_dir(colour_data, tmp_path_factory) -> Path:
     pytest.importorskip("fastai", reason="the convert tests need fastai (pip install 'kimchi-edge[convert]')")
     from fastai.torch_core import set_seed
 
-    from train.api import TrainConfig, train
+    from kimchi_edge.train.api import TrainConfig, train
 
     set_seed(0, reproducible=True)  # train() seeds the split, not the weights: make the fixture repeatable
     out = tmp_path_factory.mktemp("runs") / "colours"
@@ -62,7 +62,7 @@ def run_dir(colour_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def built(run_dir):
     """``bundle_from_run`` on the run folder, asking for a TensorRT FP16 engine too (skipped with one line here)."""
-    from convert.bundle import bundle_from_run
+    from kimchi_edge.convert.bundle import bundle_from_run
 
     messages: list[str] = []
     result = bundle_from_run(run_dir, quiet=True, engines=("fp16",), log=messages.append)

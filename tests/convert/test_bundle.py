@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import BundleError, Classifier
-from runtime.errors import GateFailed
-from runtime.cli import main
-from runtime.fsutil import read_json, sha256_file
-from runtime.manifest import manifest_from_dict, read_manifest, to_dict, write_manifest
+from kimchi_edge.runtime import BundleError, Classifier
+from kimchi_edge.runtime.errors import GateFailed
+from kimchi_edge.cli import main
+from kimchi_edge.runtime.fsutil import read_json, sha256_file
+from kimchi_edge.runtime.manifest import manifest_from_dict, read_manifest, to_dict, write_manifest
 
 from .conftest import COLOURS
 
@@ -136,7 +136,7 @@ def test_one_byte_tampered_artifact_is_detected(bundle_copy, capsys):
     data = bytearray((bundle_copy / "model.int8.onnx").read_bytes())
     data[len(data) // 2] ^= 0x01
     (bundle_copy / "model.int8.onnx").write_bytes(bytes(data))
-    from convert.gate import run_gate
+    from kimchi_edge.convert.gate import run_gate
 
     with pytest.raises(BundleError, match="model.int8.onnx has been modified"):
         run_gate(bundle_copy, quiet=True)
@@ -145,7 +145,7 @@ def test_one_byte_tampered_artifact_is_detected(bundle_copy, capsys):
 
 
 def test_tampered_reference_is_detected(bundle_copy):
-    from convert.gate import run_gate
+    from kimchi_edge.convert.gate import run_gate
 
     ref = read_json(bundle_copy / "reference.json")
     ref["items"][0]["probabilities"] = list(reversed(ref["items"][0]["probabilities"]))
@@ -175,9 +175,9 @@ def test_gate_fails_when_preprocessing_is_wrong(bundle_copy, capsys):
 
 def test_gate_fails_on_accuracy_alone_for_a_wrongly_folded_onnx(bundle_copy, run_dir):
     """An ONNX graph with the wrong normalisation baked in, but correct metadata and hashes: only accuracy can tell."""
-    from convert.gate import run_gate
-    from convert.learner_io import load_learner
-    from convert.onnx_export import onnx_from_learner, set_metadata
+    from kimchi_edge.convert.gate import run_gate
+    from kimchi_edge.convert.learner_io import load_learner
+    from kimchi_edge.convert.onnx_export import onnx_from_learner, set_metadata
 
     import onnx
 
@@ -200,7 +200,7 @@ def test_gate_fails_on_accuracy_alone_for_a_wrongly_folded_onnx(bundle_copy, run
 
 
 def test_int8_failing_the_gate_is_not_recommended(bundle_copy):
-    from convert.gate import Thresholds, run_gate
+    from kimchi_edge.convert.gate import Thresholds, run_gate
 
     report = run_gate(bundle_copy, thresholds=Thresholds(int8_min_agreement=1.01), quiet=True, check_fast_decode=False)
     assert report.passed  # an INT8 failure is not a gate failure
@@ -230,7 +230,7 @@ def test_verify_with_moved_images(bundle_copy, colour_data, tmp_path, capsys):
 
 def test_interrupted_rebuild_keeps_the_old_bundle_and_leaves_nothing(run_dir, bundle, tmp_path, monkeypatch):
     """A conversion killed half-way never produces a folder that loads, and never damages the previous bundle."""
-    from convert import bundle as bundle_mod
+    from kimchi_edge.convert import bundle as bundle_mod
 
     out = tmp_path / "bundle"
     shutil.copytree(bundle, out)
@@ -240,7 +240,7 @@ def test_interrupted_rebuild_keeps_the_old_bundle_and_leaves_nothing(run_dir, bu
         (kwargs.get("out_path") or args[2]).write_bytes(b"half an ONNX file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("convert.onnx_export.onnx_from_learner", boom)
+    monkeypatch.setattr("kimchi_edge.convert.onnx_export.onnx_from_learner", boom)
     with pytest.raises(KeyboardInterrupt):
         bundle_mod.bundle_from_run(run_dir, out, int8=False, gate=False, quiet=True, torchscript=False)
     assert sha256_file(out / "manifest.json") == before  # the old bundle is untouched

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.gate import ArtifactResult, Thresholds, _decide, _recommend, compare, embedded_mismatch, paired_difference_interval, wilson_interval
-from runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, to_dict
+from kimchi_edge.convert.gate import ArtifactResult, Thresholds, _decide, _recommend, compare, embedded_mismatch, paired_difference_interval, wilson_interval
+from kimchi_edge.runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, to_dict
 
 LABELS = ("가", "나", "다")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
-from runtime.errors import BundleError, DataError, UsageError
-from runtime.fsutil import atomic_write_json
-from runtime.manifest import Preprocessing, to_dict
+from kimchi_edge.cli import main
+from kimchi_edge.runtime.errors import BundleError, DataError, UsageError
+from kimchi_edge.runtime.fsutil import atomic_write_json
+from kimchi_edge.runtime.manifest import Preprocessing, to_dict
 
 from .conftest import write_colour_photos
 
@@ -108,7 +108,7 @@ def test_out_folder_that_is_not_a_bundle_is_not_replaced(capsys, tmp_path, small
 
 
 def test_stratified_calibration_sample():
-    from convert.runfolder import Item, stratified_sample
+    from kimchi_edge.convert.runfolder import Item, stratified_sample
 
     items = [Item(f"a/{i}", "a") for i in range(60)] + [Item(f"b/{i}", "b") for i in range(30)] + [Item(f"c/{i}", "c") for i in range(10)]
     sample = stratified_sample(items, 20, ["a", "b", "c"], seed=1)
@@ -144,8 +144,8 @@ def test_corrupt_learner(capsys, tmp_path, small_data):
 
 
 def test_empty_learner(tmp_path):
-    from convert.errors import LearnerError
-    from convert.learner_io import load_learner
+    from kimchi_edge.convert.errors import LearnerError
+    from kimchi_edge.convert.learner_io import load_learner
 
     (tmp_path / "learner.pkl").write_bytes(b"")
     with pytest.raises(LearnerError, match="empty"):
@@ -183,8 +183,8 @@ def test_learner_needing_a_function_not_in_scope_names_it(capsys, tmp_path, smal
 
 def test_import_option_makes_the_function_available(tmp_path):
     pytest.importorskip("fastai")
-    from convert.errors import LearnerError
-    from convert.learner_io import load_learner
+    from kimchi_edge.convert.errors import LearnerError
+    from kimchi_edge.convert.learner_io import load_learner
 
     path = _pickle_needing(tmp_path, "label_from_parent")
     helper = tmp_path / "labelling.py"
@@ -202,8 +202,8 @@ def test_learner_needing_a_missing_module(tmp_path):
     pytest.importorskip("fastai")
     import torch
 
-    from convert.errors import LearnerError
-    from convert.learner_io import load_learner
+    from kimchi_edge.convert.errors import LearnerError
+    from kimchi_edge.convert.learner_io import load_learner
 
     mod_dir = tmp_path / "mods"
     mod_dir.mkdir()
@@ -234,7 +234,7 @@ def test_verify_unknown_threshold_value(capsys, tmp_path):
 
 
 def test_read_run_vocab_mismatch(tmp_path, small_data):
-    from convert.runfolder import read_run
+    from kimchi_edge.convert.runfolder import read_run
 
     run = make_run(tmp_path / "run", small_data, learner=None)
     split = json.loads((run / "split.json").read_text(encoding="utf-8"))
@@ -245,7 +245,7 @@ def test_read_run_vocab_mismatch(tmp_path, small_data):
 
 
 def test_resolve_images_remaps_root(tmp_path, small_data):
-    from convert.runfolder import read_run, resolve_images
+    from kimchi_edge.convert.runfolder import read_run, resolve_images
 
     run = read_run(make_run(tmp_path / "run", small_data, learner=None))
     with pytest.raises(DataError, match="--images NEW_ROOT"):

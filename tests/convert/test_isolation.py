@@ -1,6 +1,6 @@
 """The gate runs where only the runtime is installed: no torch, no fastai, no TensorRT.
 
-``convert.gate``, ``convert.verify_cli``, ``convert.tensorrt`` (called by ``kimchi-edge build-engine``
+``kimchi_edge.convert.gate``, ``kimchi_edge.convert.verify_cli``, ``kimchi_edge.convert.tensorrt`` (called by ``kimchi-edge build-engine``
 on the target) and their imports load in a fresh interpreter where those packages cannot be
 imported, and ``kimchi-edge verify`` scores the ONNX artifacts there, skipping TorchScript with the
 reason.
@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import REPO
 
 BLOCKED = ("torch", "torchvision", "fastai", "fastcore", "timm", "tensorrt", "onnxscript")
-LIGHT_MODULES = ("convert", "convert.gate", "convert.verify_cli", "convert.cli", "convert.tensorrt", "convert.runfolder",
-                 "convert.progress", "convert.errors", "convert.torchscript")
+LIGHT_MODULES = ("convert", "kimchi_edge.convert.gate", "kimchi_edge.convert.verify_cli", "kimchi_edge.convert.cli", "kimchi_edge.convert.tensorrt", "kimchi_edge.convert.runfolder",
+                 "kimchi_edge.convert.progress", "kimchi_edge.convert.errors", "kimchi_edge.convert.torchscript")
 
 BLOCKER = textwrap.dedent(
     f"""
@@ -61,8 +61,8 @@ def test_light_convert_modules_import_without_torch_fastai_tensorrt():
 def test_tensorrt_module_says_why_in_one_line_without_tensorrt():
     proc = run_blocked(
         """
-        from convert.tensorrt import TensorRTUnavailableError, engine_from_onnx, tensorrt_unavailable_reason
-        from runtime.errors import KimchiEdgeError
+        from kimchi_edge.convert.tensorrt import TensorRTUnavailableError, engine_from_onnx, tensorrt_unavailable_reason
+        from kimchi_edge.runtime.errors import KimchiEdgeError
         print(tensorrt_unavailable_reason())
         try:
             engine_from_onnx("model.onnx", "model.engine", fp16=True)
@@ -82,7 +82,7 @@ def test_verify_runs_on_a_runtime_only_install(bundle_copy):
     proc = run_blocked(
         """
         import sys
-        from runtime.cli import main
+        from kimchi_edge.cli import main
         sys.exit(main(["verify", sys.argv[1], "--quiet"]))
         """,
         str(bundle_copy),

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from convert.tensorrt import tensorrt_unavailable_reason
+from kimchi_edge.convert.tensorrt import tensorrt_unavailable_reason
 
 REASON = tensorrt_unavailable_reason()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.slow,
@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.tensorrt, pytest.mark.slow,
 
 
 def test_fp16_and_int8_engines_are_built_and_recorded(bundle, tmp_path):
-    from convert.tensorrt import add_engines, default_timing_cache
-    from runtime.manifest import verify_artifact
+    from kimchi_edge.convert.tensorrt import add_engines, default_timing_cache
+    from kimchi_edge.runtime.manifest import verify_artifact
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

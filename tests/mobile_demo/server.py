@@ -42,12 +42,12 @@ def fetch(url: str, timeout: float = 5.0) -> str:
 
 @contextlib.contextmanager
 def demo_server(args: list[str], env: dict[str, str], log: Path, scheme: str = "http", timeout: float = 90.0) -> Iterator[str]:
-    """Run ``python -m runtime.cli demo ARGS --port P`` and yield its base URL once it answers.
+    """Run ``python -m kimchi_edge demo ARGS --port P`` and yield its base URL once it answers.
 
     The server runs in its own process group and is stopped (SIGTERM, then SIGKILL) by group id.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "runtime.cli", "demo", *args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "kimchi_edge", "demo", *args, "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"{scheme}://127.0.0.1:{port}"

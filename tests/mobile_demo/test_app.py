@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("streamlit", reason="the demo needs streamlit (pip install 'kimchi-edge[demo]')")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from mobile_demo.core import ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS  # noqa: E402
+from kimchi_edge.mobile_demo.core import ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS  # noqa: E402
 
 from . import images  # noqa: E402
 
@@ -196,7 +196,7 @@ def test_plain_http_from_another_device_warns_about_the_camera(app, monkeypatch,
 def test_gate_summary_and_artifact_in_use(app, color_bundle, tmp_path):
     import dataclasses
 
-    from runtime.manifest import read_manifest, write_manifest
+    from kimchi_edge.runtime.manifest import read_manifest, write_manifest
 
     gated = tmp_path / "gated"
     shutil.copytree(color_bundle, gated)

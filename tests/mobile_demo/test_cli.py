@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
+from kimchi_edge.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobile_demo.core import (
+from kimchi_edge.mobile_demo.core import (
     DEFAULT_BUNDLE,
     ENV_BACKEND,
     ENV_BUNDLE,
@@ -22,8 +22,8 @@ from mobile_demo.core import (
     gate_summary,
     parse_ice_servers,
 )
-from runtime import Classifier
-from runtime.errors import InvalidInputError, UsageError
+from kimchi_edge.runtime import Classifier
+from kimchi_edge.runtime.errors import InvalidInputError, UsageError
 
 from . import images
 
@@ -102,7 +102,7 @@ def test_colour_modes_are_converted_and_classified(clf, data, label, mode_word):
     assert [lab for lab, _ in r.prediction.top][0] == label and len(r.prediction.top) == 3
     assert r.preview is not None and max(r.preview.size) <= 480
     if mode_word:
-        from mobile_demo.core import describe_mode
+        from kimchi_edge.mobile_demo.core import describe_mode
 
         assert mode_word in describe_mode(r.source_mode)
 
@@ -133,7 +133,7 @@ def test_unexpected_decoder_failure_is_reported_not_raised(clf, monkeypatch):
     def boom(*a, **k):
         raise EOFError("plug-in ran off the end")
 
-    monkeypatch.setattr("mobile_demo.core.decode_image", boom)
+    monkeypatch.setattr("kimchi_edge.mobile_demo.core.decode_image", boom)
     r = classify_image(clf, images.jpeg(images.RED), "odd.tif")
     assert r.error == "odd.tif: could not be read as an image (EOFError: plug-in ran off the end)"
 
@@ -262,7 +262,7 @@ def test_live_with_real_classifier(clf):
 
 
 def test_error_message_puts_the_file_name_first():
-    from mobile_demo.core import _message
+    from kimchi_edge.mobile_demo.core import _message
 
     assert _message("a.jpg", "12345 bytes is not an image") == "a.jpg (12,345 bytes) is not an image"
     assert _message("a.jpg", "image is 0x0 pixels") == "a.jpg: image is 0x0 pixels"

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     from streamlit.testing.v1 import AppTest
     from tests.mobile_demo import images
-    import mobile_demo.cli, mobile_demo.core, mobile_demo.page  # everything the demo command loads
+    import kimchi_edge.mobile_demo.cli, kimchi_edge.mobile_demo.core, kimchi_edge.mobile_demo.page  # everything the demo command loads
 
     at = AppTest.from_file(sys.argv[1], default_timeout=60).run()
     at.camera_input[0].upload("p.jpg", images.jpeg(images.RED)); at.run()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from runtime import BundleError, Classifier, InvalidInputError
+from kimchi_edge.runtime import BundleError, Classifier, InvalidInputError
 from tests.conftest import COLOR_LABELS, solid_image
 
 

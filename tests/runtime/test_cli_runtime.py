@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from runtime.cli import main
-from runtime.predict_cli import display_width, format_table
+from kimchi_edge.cli import main
+from kimchi_edge.runtime.predict_cli import display_width, format_table
 from tests.conftest import COLOR_LABELS
 
 RED, GREEN, BLUE = COLOR_LABELS
@@ -127,7 +127,7 @@ def test_bench_skips_unreadable_files_and_generates_an_image_without_images(colo
 def test_generated_benchmark_image_is_deterministic_and_photo_sized():
     import io
 
-    from runtime.bench_cli import photo_like_jpeg
+    from kimchi_edge.runtime.bench_cli import photo_like_jpeg
 
     a, b = photo_like_jpeg(), photo_like_jpeg()
     assert a == b

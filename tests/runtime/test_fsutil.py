@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runtime.fsutil import atomic_directory, atomic_write_json, read_json
+from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json, read_json
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")

@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import runtime
+import kimchi_edge.runtime as runtime
 from tests.conftest import REPO
 
 #: Never importable in these subprocesses.
@@ -43,8 +43,8 @@ BLOCKER = textwrap.dedent(
 
 def runtime_modules() -> list[str]:
     """Every module of the runtime package (walked from the source tree, not hard-coded)."""
-    mods = ["runtime"]
-    for info in pkgutil.walk_packages(runtime.__path__, prefix="runtime."):
+    mods = ["kimchi_edge.runtime"]
+    for info in pkgutil.walk_packages(runtime.__path__, prefix="kimchi_edge.runtime."):
         mods.append(info.name)
     return sorted(mods)
 
@@ -57,8 +57,8 @@ def run_blocked(body: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_runtime_module_list_is_complete():
     mods = runtime_modules()
-    for expected in ("runtime.classifier", "runtime.backends.tensorrt_backend", "runtime.server", "runtime.predict_cli",
-                     "runtime.bench_cli", "runtime.build_engine_cli", "runtime.serve_cli"):
+    for expected in ("kimchi_edge.runtime.classifier", "kimchi_edge.runtime.backends.tensorrt_backend", "kimchi_edge.runtime.server", "kimchi_edge.runtime.predict_cli",
+                     "kimchi_edge.runtime.bench_cli", "kimchi_edge.runtime.serve_cli"):
         assert expected in mods
 
 
@@ -95,8 +95,8 @@ def test_classify_and_cli_help_work_without_heavy_packages(color_bundle):
         """
         import io, json, sys
         from PIL import Image
-        from runtime import Classifier
-        from runtime.cli import main
+        from kimchi_edge.runtime import Classifier
+        from kimchi_edge.cli import main
 
         clf = Classifier.from_bundle(sys.argv[1])
         buf = io.BytesIO()

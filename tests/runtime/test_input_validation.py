@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import Classifier, ImageTooLargeError, InvalidInputError, KimchiEdgeError, decode_image
+from kimchi_edge.runtime import Classifier, ImageTooLargeError, InvalidInputError, KimchiEdgeError, decode_image
 from tests.conftest import COLOR_LABELS
 
 RED, GREEN, BLUE = COLOR_LABELS
@@ -124,7 +124,7 @@ def test_tiny_and_extremely_elongated_images(clf, size):
 
 
 def test_centre_crop_box_is_never_empty():
-    from runtime.preprocess import fastai_crop_box
+    from kimchi_edge.runtime.preprocess import fastai_crop_box
 
     for target in range(1, 400):
         for w, h in ((10000, 1), (1, 10000), (10000, 3), (1, 1)):

@@ -24,7 +24,7 @@ def photos(tmp_path_factory):
     root = food10_root()
     if root is not None:
         return root, "food10"
-    from train.sample import write_digits_sample
+    from kimchi_edge.train.sample import write_digits_sample
 
     return write_digits_sample(tmp_path_factory.mktemp("digits"), per_class=6), "digits sample"
 
@@ -32,8 +32,8 @@ def photos(tmp_path_factory):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['item_size']}->{c['size']}-{c['resize_method']}")
 def test_runtime_preprocessing_matches_fastai_validation_transform(photos, cfg):
     pytest.importorskip("fastai")
-    from train.data import make_dataloaders, scan_dataset
-    from train.spec import compare_with_fastai, preprocessing_from_dls
+    from kimchi_edge.train.data import make_dataloaders, scan_dataset
+    from kimchi_edge.train.spec import compare_with_fastai, preprocessing_from_dls
 
     root, _ = photos
     scan = scan_dataset(root, screen=False)
@@ -50,8 +50,8 @@ def test_wrong_spec_is_caught(photos):
     pytest.importorskip("fastai")
     import dataclasses
 
-    from train.data import make_dataloaders, scan_dataset
-    from train.spec import compare_with_fastai, preprocessing_from_dls
+    from kimchi_edge.train.data import make_dataloaders, scan_dataset
+    from kimchi_edge.train.spec import compare_with_fastai, preprocessing_from_dls
 
     root, _ = photos
     dls = make_dataloaders(scan_dataset(root, screen=False), item_size=300, size=224, bs=4)

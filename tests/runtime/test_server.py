@@ -32,7 +32,7 @@ class Server:
     """``kimchi-edge serve BUNDLE --port 0`` in a subprocess; the port is read from its first line."""
 
     def __init__(self, bundle: Path, log: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "runtime.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "kimchi_edge", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
                "--log-level", "warning", *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.log = log

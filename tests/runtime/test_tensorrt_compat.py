@@ -9,16 +9,16 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime import Classifier
-from runtime.backends.tensorrt_backend import (
+from kimchi_edge.runtime import Classifier
+from kimchi_edge.runtime.backends.tensorrt_backend import (
     TensorRTUnavailable,
     choose_engine,
     engine_mismatches,
     explain_mismatch,
     installed_facts,
 )
-from runtime.fsutil import sha256_file
-from runtime.manifest import Artifact, read_manifest, write_manifest
+from kimchi_edge.runtime.fsutil import sha256_file
+from kimchi_edge.runtime.manifest import Artifact, read_manifest, write_manifest
 from tests.conftest import COLOR_LABELS
 
 ORIN = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin", "cuda_driver": "12.6"}
@@ -115,7 +115,7 @@ def bundle_with_engine(src, dst, installed=ORIN):
 
 def test_convert_writes_what_the_runtime_checks(color_bundle, tmp_path):
     """Contract with convert.tensorrt: an entry it writes passes the check on the machine that built it."""
-    ct = pytest.importorskip("convert.tensorrt", reason="needs convert/tensorrt.py")
+    ct = pytest.importorskip("kimchi_edge.convert.tensorrt", reason="needs convert/tensorrt.py")
     bundle = tmp_path / "b"
     shutil.copytree(color_bundle, bundle)
     src = read_manifest(bundle).artifact("onnx-fp32")
@@ -154,7 +154,7 @@ def test_explicit_tensorrt_backend_raises_with_the_reason(color_bundle, tmp_path
 
 def test_incompatible_engine_is_never_read(color_bundle, tmp_path, monkeypatch):
     """Compatibility is decided from the manifest alone: the engine bytes are not even hashed."""
-    import runtime.backends.tensorrt_backend as trt_backend
+    import kimchi_edge.runtime.backends.tensorrt_backend as trt_backend
 
     bundle = bundle_with_engine(color_bundle, tmp_path / "b")
     (bundle / "model.fp16.engine").unlink()
@@ -178,7 +178,7 @@ def test_installed_facts_here():
 
 
 def test_build_engine_without_tensorrt_is_one_clear_line(color_bundle, capsys):
-    from runtime.cli import main
+    from kimchi_edge.cli import main
 
     if installed_facts()["tensorrt"]:
         pytest.skip("TensorRT is installed here")
@@ -191,9 +191,9 @@ def test_build_engine_without_tensorrt_is_one_clear_line(color_bundle, capsys):
 
 def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, tmp_path, monkeypatch, capsys):
     """build-engine's own logic, with convert.tensorrt's builder and the TensorRT backend replaced by stubs."""
-    ct = pytest.importorskip("convert.tensorrt", reason="needs convert/tensorrt.py")
-    import runtime.backends.tensorrt_backend as trt_backend
-    from runtime.cli import main
+    ct = pytest.importorskip("kimchi_edge.convert.tensorrt", reason="needs convert/tensorrt.py")
+    import kimchi_edge.runtime.backends.tensorrt_backend as trt_backend
+    from kimchi_edge.cli import main
 
     bundle = tmp_path / "b"
     shutil.copytree(color_bundle, bundle)
@@ -245,7 +245,7 @@ def test_tensorrt_engine_agrees_with_onnxruntime(color_bundle, tmp_path):
     pytest.importorskip("tensorrt", reason="needs TensorRT (JetPack, or pip install 'kimchi-edge[tensorrt]') and a CUDA GPU")
     if not installed_facts()["compute_capability"]:
         pytest.skip("needs a CUDA GPU")
-    from runtime.cli import main
+    from kimchi_edge.cli import main
 
     bundle = tmp_path / "b"
     shutil.copytree(color_bundle, bundle)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from runtime import Classifier
+from kimchi_edge.runtime import Classifier
 from tests.conftest import COLOR_LABELS
 
 

@@ -26,7 +26,7 @@ def build_tree(digits: Path, out: Path, per_class: int, given_split: bool = Fals
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
-    from train.sample import write_digits_sample
+    from kimchi_edge.train.sample import write_digits_sample
 
     return write_digits_sample(tmp_path_factory.mktemp("digits"), per_class=40)
 
@@ -50,7 +50,7 @@ def kimchi_tree(digits, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(kimchi_tree, tmp_path_factory) -> Path:
     """One real training run (EfficientNet-Lite0 with its shipped ImageNet weights, 32 px, 2 epochs)."""
-    from train.api import TrainConfig, train
+    from kimchi_edge.train.api import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return train(TrainConfig(

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from runtime.cli import main
+from kimchi_edge.cli import main
 from tests.train.conftest import KIMCHI_CLASSES, build_tree
-from train.data import scan_dataset
+from kimchi_edge.train.data import scan_dataset
 
 
 def test_random_layout_korean_names_and_screening(kimchi_tree):
@@ -65,7 +65,7 @@ def test_single_class_after_screening(tmp_path, capsys, digits):
 def test_sample_is_real_digits(digits):
     from PIL import Image
 
-    from train.sample import SAMPLE_LABELS
+    from kimchi_edge.train.sample import SAMPLE_LABELS
 
     assert sorted(p.name for p in digits.iterdir()) == sorted(SAMPLE_LABELS)
     im = Image.open(next((digits / "8 팔").glob("*.png")))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.manifest import read_model_meta
+from kimchi_edge.runtime.manifest import read_model_meta
 from tests.train.conftest import KIMCHI_CLASSES
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_exported_learner_loads_back_and_predicts(tiny_run):
 
 def test_weights_download_failure_names_the_ways_out(kimchi_tree, tmp_path, capsys, monkeypatch):
     """resnet18's ImageNet weights cannot be downloaded here: one clear line, exit 2, nothing written."""
-    from runtime.cli import main
+    from kimchi_edge.cli import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights
     rc = main(["train", str(kimchi_tree), "--out", str(tmp_path / "r"), "--arch", "resnet18", "--epochs", "1", "--quiet"])
@@ -88,7 +88,7 @@ def test_trains_on_gpu_with_mixed_precision(kimchi_tree, tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from train.api import TrainConfig, train
+    from kimchi_edge.train.api import TrainConfig, train
 
     run = train(TrainConfig(data=kimchi_tree, out=tmp_path / "gpu", arch="efficientnet_lite0", item_size=40, size=32,
                             flip=False, epochs=1, bs=16, lr_find=False, lr=1e-2, quiet=True))

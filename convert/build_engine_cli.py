@@ -5,7 +5,7 @@ Example (on the Jetson or GPU machine that will run it)::
     kimchi-edge build-engine runs/food10/bundle --fp16
     kimchi-edge build-engine runs/food10/bundle --int8     # from the bundle's INT8 QDQ ONNX
 
-The build is ``convert.tensorrt.add_engines`` (Polygraphy; no torch needed).  Its manifest entry records
+The build is ``kimchi_edge.convert.tensorrt.add_engines`` (Polygraphy; no torch needed).  Its manifest entry records
 the TensorRT version, GPU, compute capability and the SHA-256 of the ONNX it came from, so the runtime
 refuses a stale engine before deserialising it and says how to rebuild.  An engine that is already
 compatible with this machine is kept unless ``--force``.  Then it is loaded and run once here.
@@ -30,11 +30,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _builder():
-    """``convert.tensorrt`` after checking that engines can be built here (one line saying why not)."""
-    from .errors import MissingDependencyError
+    """``kimchi_edge.convert.tensorrt`` after checking that engines can be built here (one line saying why not)."""
+    from kimchi_edge.runtime.errors import MissingDependencyError
 
     try:
-        from convert import tensorrt as builder
+        from . import tensorrt as builder
     except ImportError as exc:
         raise MissingDependencyError(f"the engine builder convert.tensorrt is not importable ({exc}); "
                                      "reinstall kimchi-edge with: pip install 'kimchi-edge[tensorrt]'") from None
@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .backends.tensorrt_backend import TensorRTBackend, engine_mismatches, installed_facts
-    from .errors import UsageError
-    from .manifest import read_manifest
+    from kimchi_edge.runtime.backends.tensorrt_backend import TensorRTBackend, engine_mismatches, installed_facts
+    from kimchi_edge.runtime.errors import UsageError
+    from kimchi_edge.runtime.manifest import read_manifest
 
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
