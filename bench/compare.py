@@ -1,16 +1,21 @@
-"""fastai vs the exported model, side by side, in one run: ``python -m bench.compare RUN_DIR [BUNDLE]``.
+"""fastai vs the exported model, side by side, in one run: ``kimchi-edge bench --compare RUN_DIR [BUNDLE]``.
 
 Example::
 
-    python -m bench.compare runs/bench-resnet18 --images /work/shared/data/food10/valid --out docs/
+    kimchi-edge bench --compare runs/bench-resnet18 --images /work/shared/data/food10/valid --out docs/
 
-Every inference path runs in its own fresh interpreter (:mod:`kimchi_edge.bench.worker`), one after the other,
-on the same image bytes read into memory:
+(``python -m kimchi_edge.bench.compare RUN_DIR [BUNDLE] ...`` is the same command.)  It needs the extra
+:data:`kimchi_edge.bench.EXTRA`, ``pip install 'kimchi-edge[convert]'`` (fastai and torch for the baseline paths and the matmul peak, onnx for the
+FLOPs and the re-quantized model, matplotlib for the chart), and nothing else: it runs from the installed
+package, in any working folder, without a repository checkout.
+
+Every inference path runs in its own fresh interpreter (``python -m kimchi_edge.bench.worker``, in an empty
+temporary folder), one after the other, on the same image bytes read into memory:
 
 1. ``fastai``: ``load_learner`` + ``learn.predict(bytes)`` (the baseline);
 2. ``torch-eager``: ``learn.model`` fed by the runtime's preprocessing + normalisation;
 3. ``torchscript``: the bundle's ``model.torchscript.pt``, same feed;
-4. ``ort-fp32`` / 5. ``ort-int8``: ``runtime.Classifier`` on ``model.onnx`` / ``model.int8.onnx``;
+4. ``ort-fp32`` / 5. ``ort-int8``: ``kimchi_edge.runtime.Classifier`` on ``model.onnx`` / ``model.int8.onnx``;
    ``ort-int8-u8``: the same on an INT8 model re-quantized here with uint8 activations
    (:mod:`kimchi_edge.bench.quant`; what ONNX Runtime's CPU kernels fuse best), in a temporary bundle;
 6. TensorRT FP16/INT8: only where TensorRT and a GPU are present (else the reason is reported).
@@ -22,39 +27,190 @@ inference and the rest), the same on phone-size photos (made here by upscaling r
 The same run measures this machine's dense float32 matmul throughput and the FP32 ONNX model's
 FLOPs (counted from the graph), and times the variants that were tried (:mod:`kimchi_edge.bench.experiments`).
 
-Writes ``OUT/bench_results.json``, ``OUT/BENCHMARKS.md`` and ``OUT/bench_latency.png``.
+Writes ``OUT/bench_results.json``, ``OUT/BENCHMARKS.md`` and ``OUT/bench_latency.png`` (``--out``; default: the
+current folder).  :func:`compare` is the whole run; the command line lives in :mod:`kimchi_edge.runtime.bench_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+from kimchi_edge.runtime.errors import MissingDependencyError, UsageError
+from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES, loadavg, percentiles
+
+from . import EXTRA
+from .report import COMMAND, RESULTS_NAME
+
 PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-u8")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-RESULTS_NAME = "bench_results.json"
-DOC_NAME = "BENCHMARKS.md"
-CHART_NAME = "bench_latency.png"
+
+Log = Callable[[str], None]
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Everything one comparison run needs; the defaults are those of ``kimchi-edge bench --compare``.
+
+    Attributes:
+        run_dir: run folder of ``kimchi-edge train`` (``learner.pkl``, ``split.json``).
+        images: folder of real images; ``max_images`` of them, spread evenly over its sorted files.
+        bundle: bundle of ``kimchi-edge convert`` (``None``: ``run_dir/bundle``).
+        out: where ``BENCHMARKS.md``, ``bench_latency.png`` and ``bench_results.json`` go.
+        rounds: every path runs this many times in alternating order (ABC, CBA, ...), samples pooled.
+        warmup: untimed predictions before each series.
+        threads: ``torch.set_num_threads`` / ONNX Runtime intra-op threads.
+        phone_photos: phone-size photos made by upscaling (0: none), ``phone_size`` (width, height),
+            each timed ``phone_passes`` times.
+        batch_sizes: throughput batch sizes, ``batch_images`` images timed per size.
+        paths: the inference paths to run, a subset of :data:`PATHS`.
+        experiments: also time the variants that were tried.
+        one_thread_round: one more batch-1 round of every path at 1 thread.
+        calib: training images to calibrate the re-quantized INT8 models with.
+        fastai_progress_bar: leave fastai's progress bar on in ``learn.predict``.
+        timeout: seconds per worker process.
+    """
+
+    run_dir: Path
+    images: Path
+    bundle: Path | None = None
+    out: Path = Path(".")
+    max_images: int = 60
+    rounds: int = 2
+    warmup: int = 5
+    threads: int = 2
+    phone_photos: int = 4
+    phone_size: tuple[int, int] = (3000, 2250)
+    phone_passes: int = 2
+    batch_sizes: tuple[int, ...] = (8, 32)
+    batch_images: int = 32
+    paths: tuple[str, ...] = PATHS
+    experiments: bool = True
+    one_thread_round: bool = True
+    calib: int = 64
+    fastai_progress_bar: bool = False
+    timeout: int = 1200
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.bundle if self.bundle is not None else self.run_dir / "bundle"
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` produced: the results (as written to ``bench_results.json``), the files, the failures."""
+
+    results: dict[str, Any]
+    written: list[Path] = field(default_factory=list)
+    #: path name -> why it failed (one line), for every path with an error in any round
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- before measuring anything
+
+
+def check_inputs(opts: CompareOptions) -> Any:
+    """Paths, folders and files the run needs; returns the bundle's manifest.
+
+    Raises:
+        UsageError: an unknown path name, a missing learner, bundle or image folder, a bad size.
+    """
+    from kimchi_edge.runtime.manifest import read_manifest
+
+    bad = [p for p in opts.paths if p not in PATHS]
+    if bad or not opts.paths:
+        raise UsageError(f"--paths: unknown path(s) {bad}; choose from {', '.join(PATHS)}" if bad else
+                         f"--paths: no path given; choose from {', '.join(PATHS)}")
+    if {"fastai", "torch-eager"} & set(opts.paths) and not (opts.run_dir / "learner.pkl").is_file():
+        raise UsageError(f"{opts.run_dir / 'learner.pkl'} not found (RUN_DIR must be a kimchi-edge train run folder)")
+    if not (opts.bundle_dir / "manifest.json").is_file():
+        raise UsageError(f"{opts.bundle_dir / 'manifest.json'} not found; run kimchi-edge convert {opts.run_dir} first")
+    if not opts.images.is_dir():
+        raise UsageError(f"--images {opts.images}: not a folder")
+    if min(opts.phone_size) < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
+        raise UsageError("--phone-size is WIDTHxHEIGHT and --batch-sizes comma-separated integers, all positive")
+    return read_manifest(opts.bundle_dir)
+
+
+def missing_modules(paths: Sequence[str]) -> list[str]:
+    """The top-level modules a run over ``paths`` needs that are not installed here."""
+    needed = ["torch", "onnx", "matplotlib"]  # matmul peak and TorchScript; FLOPs and re-quantizing; the chart
+    if {"fastai", "torch-eager"} & set(paths):
+        needed.insert(0, "fastai")
+    missing = []
+    for name in needed:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def require_bench_extra(paths: Sequence[str]) -> None:
+    """Raise one line naming the extra when a module the run needs is missing (before minutes of measuring).
+
+    Raises:
+        MissingDependencyError: e.g. "kimchi-edge bench --compare needs fastai and matplotlib, which are not installed
+            here; install them with: pip install 'kimchi-edge[convert]'".
+    """
+    missing = missing_modules(paths)
+    if missing:
+        names = " and ".join(missing) if len(missing) < 3 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise MissingDependencyError(f"{COMMAND} needs {names}, which {'is' if len(missing) == 1 else 'are'} not installed here; "
+                                     f"install {'it' if len(missing) == 1 else 'them'} with: pip install 'kimchi-edge[{EXTRA}]'")
+
+
+def command_line(opts: CompareOptions) -> str:
+    """The command that repeats this run (options that differ from the defaults only)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CompareOptions) if f.default is not dataclasses.MISSING}
+    parts = [COMMAND, str(opts.run_dir)] + ([str(opts.bundle)] if opts.bundle is not None else []) + ["--images", str(opts.images)]
+    if opts.out != defaults["out"]:
+        parts += ["--out", str(opts.out)]
+    flags = {"experiments": "--no-experiments", "one_thread_round": "--no-one-thread-round", "fastai_progress_bar": "--fastai-progress-bar"}
+    for f in dataclasses.fields(CompareOptions):
+        value = getattr(opts, f.name)
+        if f.name in ("run_dir", "images", "bundle", "out") or value == defaults[f.name]:
+            continue
+        if f.name in flags:
+            parts.append(flags[f.name])
+        elif f.name == "phone_size":
+            parts += ["--phone-size", f"{value[0]}x{value[1]}"]
+        elif isinstance(value, tuple):
+            parts += [f"--{f.name.replace('_', '-')}", ",".join(str(v) for v in value)]
+        else:
+            parts += [f"--{f.name.replace('_', '-')}", str(value)]
+    return " ".join(shlex.quote(p) if p != COMMAND else p for p in parts)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
 def select_images(folder: Path, limit: int) -> list[Path]:
-    """``limit`` image files spread evenly over the sorted files of ``folder`` (so every class is in)."""
+    """``limit`` image files spread evenly over the sorted files of ``folder`` (so every class is in).
+
+    Raises:
+        UsageError: no image file under ``folder``.
+    """
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"kimchi_edge.bench.compare: no image files under {folder}")
+        raise UsageError(f"--images {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if len(files) <= limit:
         return files
     step = len(files) / limit
@@ -125,14 +281,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def loadavg() -> list[float]:
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return []
-
-
 def tensorrt_status() -> str | None:
     """``None`` when TensorRT engines could be built and run here, else why not."""
     try:
@@ -145,19 +293,27 @@ def tensorrt_status() -> str | None:
 # --------------------------------------------------------------------------- workers
 
 
-def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Any) -> dict[str, Any]:
-    """Run one :mod:`kimchi_edge.bench.worker` measurement in a fresh interpreter and return its JSON."""
+def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Log) -> dict[str, Any]:
+    """Run one :mod:`kimchi_edge.bench.worker` measurement in a fresh interpreter and return its JSON.
+
+    The worker runs as ``sys.executable -m kimchi_edge.bench.worker`` in an empty temporary folder with the
+    caller's environment (plus thread counts): it imports the installed package, never a checkout's folders,
+    so every path in ``cfg`` must be absolute.
+    """
     with tempfile.TemporaryDirectory(prefix="kimchi-bench-w-") as tmp:
         cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
         env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
                "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
         cfg = {**cfg, "spawned_at": time.time()}
         cfg_path.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "kimchi_edge.bench.worker", str(cfg_path), str(out_path)], cwd=str(REPO), env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "kimchi_edge.bench.worker", str(cfg_path), str(out_path)], cwd=tmp, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"  timed out after {timeout} s")
+            return {"error": f"timed out after {timeout} s (--timeout)", "seconds": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
         if proc.returncode != 0 or not out_path.is_file():
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -179,8 +335,6 @@ def slim(results: dict[str, Any]) -> None:
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One path's rounds -> one result: samples pooled, cold start and memory per round (median / max), labels of round 1."""
-    from .worker import percentiles
-
     ok = [r for r in rounds if "error" not in r]
     if not ok:
         return rounds[0] if rounds else {"error": "not run"}
@@ -233,15 +387,17 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def calibration_images(run_dir: Path, count: int) -> list[str]:
-    """``count`` training images of the run, evenly spread over ``split.json``'s train list (sorted by class)."""
-    split = run_dir / "split.json"
-    if count <= 0 or not split.is_file():
+    """``count`` training images of the run (absolute paths), evenly spread over ``split.json``'s train list."""
+    from kimchi_edge.runtime.manifest import SPLIT_NAME, Split, read_typed
+
+    path = run_dir / SPLIT_NAME
+    if count <= 0 or not path.is_file():
         return []
-    s = json.loads(split.read_text(encoding="utf-8"))
-    root = Path(s.get("data_root", ""))
-    items = s.get("train", [])
-    step = max(1, len(items) // count)
-    return [str(root / it["file"]) for it in items[::step][:count] if (root / it["file"]).is_file()]
+    split = read_typed(Split, path)
+    root = Path(split.data_root)  # absolute, as kimchi-edge train records it
+    step = max(1, len(split.train) // count)
+    files = [(root / it.file).resolve() for it in split.train[::step][:count]]
+    return [str(f) for f in files if f.is_file()]
 
 
 def agreement(series: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -260,198 +416,228 @@ def agreement(series: dict[str, Any], reference: dict[str, Any]) -> dict[str, An
     return out
 
 
-# --------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of kimchi-edge train (learner.pkl)")
-    p.add_argument("bundle", metavar="BUNDLE", nargs="?", help="bundle of kimchi-edge convert (default RUN_DIR/bundle)")
-    p.add_argument("--images", metavar="DIR", required=True, help="real images (e.g. food10/valid); read into memory first")
-    p.add_argument("--out", metavar="DIR", default="docs", help="where BENCHMARKS.md, bench_latency.png and bench_results.json go (default docs/)")
-    p.add_argument("--max-images", type=int, default=60, help="images for the batch-1 series and agreement (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="run every path this many times, alternating the order (ABC, CBA, ...), and pool the samples "
-                        "(default %(default)s)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed predictions before each series (default %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads / ORT intra-op threads (default %(default)s)")
-    p.add_argument("--phone-photos", type=int, default=4, help="phone-size photos made by upscaling (0: none; default %(default)s)")
-    p.add_argument("--phone-size", default="3000x2250", help="WIDTHxHEIGHT of the phone photos (default %(default)s)")
-    p.add_argument("--phone-passes", type=int, default=2, help="timed passes over the phone photos (default %(default)s)")
-    p.add_argument("--batch-sizes", default="8,32", help="throughput batch sizes (default %(default)s)")
-    p.add_argument("--batch-images", type=int, default=32, help="images timed per batch size (default %(default)s)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    p.add_argument("--no-experiments", dest="experiments", action="store_false", help="skip the variants that were tried")
-    p.add_argument("--no-one-thread-round", dest="one_thread_round", action="store_false",
-                   help="skip the extra batch-1 round of every path at 1 thread (steadier ratios on a shared CPU)")
-    p.add_argument("--calib", type=int, default=64,
-                   help="training images to calibrate the re-quantized INT8 models with (ort-int8-u8; the speed-only "
-                        "variants use the first 16) (default %(default)s)")
-    p.add_argument("--fastai-progress-bar", action="store_true", help="leave fastai's progress bar on in learn.predict (off by default: it only adds time)")
-    p.add_argument("--timeout", type=int, default=1200, help="seconds per worker process (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
+# --------------------------------------------------------------------------- the run
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    run_dir = Path(args.run_dir)
-    bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    bad = [p for p in paths if p not in PATHS]
-    if bad:
-        print(f"kimchi_edge.bench.compare: unknown path(s) {bad}; choose from {', '.join(PATHS)}", file=sys.stderr)
-        return 2
-    if "fastai" in paths or "torch-eager" in paths:
-        if not (run_dir / "learner.pkl").is_file():
-            print(f"kimchi_edge.bench.compare: {run_dir / 'learner.pkl'} not found (RUN_DIR must be a kimchi-edge train run folder)", file=sys.stderr)
-            return 2
-    if not (bundle / "manifest.json").is_file():
-        print(f"kimchi_edge.bench.compare: {bundle / 'manifest.json'} not found; run kimchi-edge convert {run_dir} first", file=sys.stderr)
-        return 2
-    try:
-        pw, ph = (int(v) for v in args.phone_size.lower().split("x"))
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        print("kimchi_edge.bench.compare: --phone-size is WIDTHxHEIGHT and --batch-sizes comma-separated integers", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def compare(opts: CompareOptions, *, log: Log = _silent) -> Comparison:
+    """Measure every path of ``opts`` side by side and write the report files into ``opts.out``.
 
-    from kimchi_edge.runtime.manifest import read_manifest
+    Args:
+        opts: what to run (see :class:`CompareOptions`).
+        log: called with one progress line at a time.
 
-    manifest = read_manifest(bundle)
-    images = select_images(Path(args.images), args.max_images)
-    started = datetime.now(timezone.utc)
+    Returns:
+        The results, the files written and the paths that failed.
+
+    Raises:
+        UsageError: bad options or inputs, found before anything is measured.
+        MissingDependencyError: a module of the bench extra is missing, found before anything is measured.
+    """
+    manifest = check_inputs(opts)
+    require_bench_extra(opts.paths)
+    run_dir, bundle = opts.run_dir.resolve(), opts.bundle_dir.resolve()  # workers run in an empty folder of their own
+    images = select_images(opts.images.resolve(), opts.max_images)
     t_all = time.perf_counter()
-    results: dict[str, Any] = {
-        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else list(argv)),
-        "started": started.isoformat(timespec="seconds"),
-        "machine": machine_description(), "versions": versions(), "loadavg_start": loadavg(),
-        "run_dir": str(run_dir), "bundle": str(bundle), "architecture": manifest.model.architecture,
-        "labels": len(manifest.labels), "input": [manifest.preprocessing.height, manifest.preprocessing.width],
-        "preprocessing": {"resize": [manifest.preprocessing.resize_height, manifest.preprocessing.resize_width],
-                          "method": manifest.preprocessing.resize_method, "batch_resize": manifest.preprocessing.batch_resize,
-                          "dtype": manifest.preprocessing.dtype, "layout": manifest.preprocessing.layout},
-        "threads": args.threads, "images": {"folder": str(args.images), "count": len(images),
-                                            "mb": sum(f.stat().st_size for f in images) / 2**20},
-        "warmup": args.warmup, "rounds": args.rounds, "batch_sizes": batch_sizes, "paths": {}, "gates": manifest.gate,
-    }
-    log(f"kimchi_edge.bench.compare: {len(images)} images from {args.images}; {args.threads} threads; load average {results['loadavg_start']}")
-
-    # FLOPs from the graph
-    try:
-        from .flops import macs_from_onnx
-
-        results["flops"] = macs_from_onnx(bundle / manifest.artifact("onnx-fp32").file, batch=1)
-        log(f"FP32 ONNX: {results['flops']['flops'] / 1e9:.3f} GFLOP per image (Conv/Gemm/MatMul, from shape inference)")
-    except Exception as exc:  # onnx missing or an odd graph: the rest still runs
-        results["flops"] = {"error": f"{type(exc).__name__}: {exc}"}
-
-    with tempfile.TemporaryDirectory(prefix="kimchi-bench-phone-") as tmp:
-        phone: list[Path] = []
-        if args.phone_photos > 0:
-            step = max(1, len(images) // args.phone_photos)
-            phone = make_phone_photos(images[::step][: args.phone_photos], Path(tmp), (pw, ph))
-            results["phone_photos"] = {"count": len(phone), "size": [pw, ph], "quality": 90,
-                                       "mb_each": [round(p.stat().st_size / 2**20, 2) for p in phone],
-                                       "made_from": [str(images[::step][i]) for i in range(len(phone))]}
-        common = {"run_dir": str(run_dir), "bundle": str(bundle), "threads": args.threads}
-        calib = calibration_images(run_dir, args.calib)
-        u8_bundle, u8_model = None, None
-        if "ort-int8-u8" in paths or args.experiments:
-            if calib:
-                from .quant import U8_ARTIFACT, bundle_with_artifact, requantize
-
-                log(f"re-quantizing the FP32 model with uint8 activations ({len(calib)} calibration images) ...")
-                u8_model = Path(tmp) / "model.int8-u8.onnx"
-                try:
-                    q = requantize(bundle / manifest.artifact("onnx-fp32").file, u8_model, calib, manifest.preprocessing)
-                    u8_bundle = bundle_with_artifact(bundle, u8_model, Path(tmp) / "bundle-u8", details=q)
-                    results["int8_u8"] = {**q, "artifact": U8_ARTIFACT}
-                except Exception as exc:  # quantization is an extra: the paths still run
-                    results["int8_u8"] = {"error": f"{type(exc).__name__}: {exc}"}
-                    u8_model = None
-            else:
-                results["int8_u8"] = {"error": f"no training images found through {run_dir / 'split.json'} to calibrate with"}
+    results = describe_run(opts, manifest, images)
+    log(f"{COMMAND}: {len(images)} images from {opts.images}; {opts.threads} threads; load average {results['loadavg_start']}")
+    results["flops"] = count_flops(bundle, manifest, log)
+    common = {"run_dir": str(run_dir), "bundle": str(bundle), "threads": opts.threads}
+    with tempfile.TemporaryDirectory(prefix="kimchi-bench-") as tmp:
+        phone, phone_info = phone_photos(opts, images, Path(tmp) / "phone")
+        if phone_info:
+            results["phone_photos"] = phone_info
+        calib = calibration_images(run_dir, opts.calib)
+        u8_bundle, u8_model, u8_info = requantized_bundle(opts, bundle, manifest, calib, Path(tmp), log)
+        if u8_info:
+            results["int8_u8"] = u8_info
         log("matmul peak ...")
-        peaks = [run_worker({**common, "kind": "peak"}, args.threads, args.timeout, log)]
-        batch_iters = {str(b): max(2, args.batch_images // b) for b in batch_sizes}
-        per_path: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
-        for rnd in range(args.rounds):
-            order = paths if rnd % 2 == 0 else paths[::-1]  # ABC CBA: drifting load hits every path alike
-            for name in order:
-                log(f"{name} (round {rnd + 1}/{args.rounds}) ...")
-                if name == "ort-int8-u8" and u8_bundle is None:
-                    per_path[name].append({"error": f"not built: {results['int8_u8'].get('error')}"})
-                    continue
-                extra = {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
-                cfg = {**common, **extra, "kind": "path", "path": name, "images": [str(f) for f in images],
-                       "phone_images": [str(p) for p in phone], "phone_passes": args.phone_passes, "warmup": args.warmup,
-                       "batch_sizes": batch_sizes, "batch_iterations": batch_iters,
-                       "fastai_progress_bar": args.fastai_progress_bar}
-                r = run_worker(cfg, args.threads, args.timeout, log)
-                per_path[name].append(r)
-                if "error" not in r:
-                    b1 = r["batch1"]
-                    log(f"  p50 {b1['latency_ms']['p50']:.1f} ms, infer p50 {b1['stages_ms']['infer']['p50']:.1f} ms, "
-                        f"cold {r['cold_start']['import_ms'] + r['cold_start']['load_ms']:.0f} ms, "
-                        f"RSS {r['memory_ready_mb'].get('VmHWM', float('nan')):.0f} MB ({r['seconds']:.0f} s)")
-        for name in paths:
-            results["paths"][name] = merge_rounds(per_path[name])
-        if args.one_thread_round and args.threads != 1:
-            # OpenMP/ORT threads that spin or wait for a descheduled sibling make multi-threaded timings on a shared CPU
-            # depend on the other jobs; at 1 thread a path just gets its share of one CPU, so the ratios are steadier.
-            results["one_thread"] = {}
-            for name in paths:
-                if "error" in results["paths"][name]:
-                    continue
-                log(f"{name} (1 thread) ...")
-                extra = {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
-                r = run_worker({**common, **extra, "threads": 1, "kind": "path", "path": name, "light": True,
-                                "images": [str(f) for f in images], "warmup": args.warmup, "batch_sizes": [],
-                                "batch_iterations": {}}, 1, args.timeout, log)
-                if "error" not in r:
-                    log(f"  p50 {r['batch1']['latency_ms']['p50']:.1f} ms, infer p50 {r['batch1']['stages_ms']['infer']['p50']:.1f} ms")
-                    r["batch1"].pop("probabilities", None)
-                results["one_thread"][name] = r
-        if args.experiments:
+        peaks = [run_worker({**common, "kind": "peak"}, opts.threads, opts.timeout, log)]
+        results["paths"] = measure_paths(opts, common, images, phone, u8_bundle, u8_info or {}, log)
+        if opts.one_thread_round and opts.threads != 1:
+            results["one_thread"] = measure_one_thread(opts, common, images, u8_bundle, results["paths"], log)
+        if opts.experiments:
             log("experiments (variants side by side) ...")
             results["experiments"] = run_worker({**common, "kind": "experiments", "images": [str(f) for f in images[:8]],
                                                  "phone_images": [str(p) for p in phone], "calibration_images": calib,
                                                  "u8_model": str(u8_model) if u8_model else None,
-                                                 "batch_sizes": batch_sizes}, args.threads, args.timeout, log)
+                                                 "batch_sizes": list(opts.batch_sizes)}, opts.threads, opts.timeout, log)
         log("matmul peak (again) ...")
-        peaks.append(run_worker({**common, "kind": "peak"}, args.threads, args.timeout, log))
+        peaks.append(run_worker({**common, "kind": "peak"}, opts.threads, opts.timeout, log))
     results["peak"] = peaks
     results["tensorrt"] = tensorrt_status() or "available"
     results["loadavg_end"] = loadavg()
     results["seconds"] = time.perf_counter() - t_all
+    add_agreement(results)
+    results["images"]["files"] = [str(f) for f in images]
+    slim(results)
+    written = write_files(results, opts.out)
+    log("wrote " + ", ".join(str(w) for w in written) + f" ({results['seconds']:.0f} s)")
+    return Comparison(results=results, written=written, failed=failures(results))
 
-    # agreement with the baseline
+
+def describe_run(opts: CompareOptions, manifest: Any, images: Sequence[Path]) -> dict[str, Any]:
+    """The head of ``bench_results.json``: command, machine, versions, model, images, settings; ``paths`` to fill."""
+    from kimchi_edge.runtime.manifest import to_dict
+
+    pre = manifest.preprocessing
+    return {
+        "command": command_line(opts),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(), "versions": versions(), "loadavg_start": loadavg(),
+        "run_dir": str(opts.run_dir), "bundle": str(opts.bundle_dir), "architecture": manifest.model.architecture,
+        "labels": len(manifest.labels), "input": [pre.height, pre.width],
+        "preprocessing": {"resize": [pre.resize_height, pre.resize_width], "method": pre.resize_method, "batch_resize": pre.batch_resize,
+                          "dtype": pre.dtype, "layout": pre.layout},
+        "threads": opts.threads, "images": {"folder": str(opts.images), "count": len(images),
+                                            "mb": sum(f.stat().st_size for f in images) / 2**20},
+        "warmup": opts.warmup, "rounds": opts.rounds, "batch_sizes": list(opts.batch_sizes), "paths": {},
+        "gates": to_dict(manifest.gate) if manifest.gate else {},
+    }
+
+
+def count_flops(bundle: Path, manifest: Any, log: Log) -> dict[str, Any]:
+    """FLOPs of the FP32 ONNX model from its graph (``{"error": ...}`` when they cannot be counted)."""
+    try:
+        from .flops import macs_from_onnx
+
+        flops = macs_from_onnx(bundle / manifest.artifact("onnx-fp32").file, batch=1)
+    except Exception as exc:  # onnx missing or an odd graph: the rest still runs
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    log(f"FP32 ONNX: {flops['flops'] / 1e9:.3f} GFLOP per image (Conv/Gemm/MatMul, from shape inference)")
+    return flops
+
+
+def phone_photos(opts: CompareOptions, images: Sequence[Path], folder: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """``opts.phone_photos`` phone-size JPEGs made from ``images`` in ``folder``, and their description."""
+    if opts.phone_photos <= 0:
+        return [], None
+    step = max(1, len(images) // opts.phone_photos)
+    sources = list(images[::step][: opts.phone_photos])
+    phone = make_phone_photos(sources, folder, opts.phone_size)
+    return phone, {"count": len(phone), "size": list(opts.phone_size), "quality": 90,
+                   "mb_each": [round(p.stat().st_size / 2**20, 2) for p in phone],
+                   "made_from": [str(sources[i]) for i in range(len(phone))]}
+
+
+def requantized_bundle(opts: CompareOptions, bundle: Path, manifest: Any, calib: Sequence[str], tmp: Path,
+                       log: Log) -> tuple[Path | None, Path | None, dict[str, Any] | None]:
+    """The FP32 model re-quantized with uint8 activations, in a temporary copy of the bundle (``ort-int8-u8``).
+
+    Returns:
+        ``(bundle, model, info)``; bundle and model are ``None`` when it was not built (``info["error"]`` says why),
+        everything is ``None`` when neither ``ort-int8-u8`` nor the experiments need it.
+    """
+    if "ort-int8-u8" not in opts.paths and not opts.experiments:
+        return None, None, None
+    if not calib:
+        return None, None, {"error": f"no training images found through {opts.run_dir / 'split.json'} to calibrate with"}
+    from .quant import U8_ARTIFACT, bundle_with_artifact, requantize
+
+    log(f"re-quantizing the FP32 model with uint8 activations ({len(calib)} calibration images) ...")
+    model = tmp / "model.int8-u8.onnx"
+    try:
+        q = requantize(bundle / manifest.artifact("onnx-fp32").file, model, calib, manifest.preprocessing)
+        u8_bundle = bundle_with_artifact(bundle, model, tmp / "bundle-u8", details=q)
+    except Exception as exc:  # quantization is an extra: the paths still run
+        return None, None, {"error": f"{type(exc).__name__}: {exc}"}
+    return u8_bundle, model, {**q, "artifact": U8_ARTIFACT}
+
+
+def _artifact(name: str, u8_bundle: Path | None) -> dict[str, str]:
+    """Worker config that points ``ort-int8-u8`` at the temporary bundle holding the re-quantized model."""
+    return {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
+
+
+def measure_paths(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path], phone: Sequence[Path],
+                  u8_bundle: Path | None, u8_info: dict[str, Any], log: Log) -> dict[str, Any]:
+    """Every path ``opts.rounds`` times, in alternating order (ABC CBA: drifting load hits every path alike), merged."""
+    batch_iters = {str(b): max(2, opts.batch_images // b) for b in opts.batch_sizes}
+    per_path: dict[str, list[dict[str, Any]]] = {name: [] for name in opts.paths}
+    for rnd in range(opts.rounds):
+        for name in opts.paths if rnd % 2 == 0 else opts.paths[::-1]:
+            log(f"{name} (round {rnd + 1}/{opts.rounds}) ...")
+            if name == "ort-int8-u8" and u8_bundle is None:
+                per_path[name].append({"error": f"not built: {u8_info.get('error')}"})
+                continue
+            cfg = {**common, **_artifact(name, u8_bundle), "kind": "path", "path": name, "images": [str(f) for f in images],
+                   "phone_images": [str(p) for p in phone], "phone_passes": opts.phone_passes, "warmup": opts.warmup,
+                   "batch_sizes": list(opts.batch_sizes), "batch_iterations": batch_iters,
+                   "fastai_progress_bar": opts.fastai_progress_bar}
+            r = run_worker(cfg, opts.threads, opts.timeout, log)
+            per_path[name].append(r)
+            if "error" not in r:
+                b1 = r["batch1"]
+                log(f"  p50 {b1['latency_ms']['p50']:.1f} ms, infer p50 {b1['stages_ms']['infer']['p50']:.1f} ms, "
+                    f"cold {r['cold_start']['import_ms'] + r['cold_start']['load_ms']:.0f} ms, "
+                    f"RSS {r['memory_ready_mb'].get('VmHWM', float('nan')):.0f} MB ({r['seconds']:.0f} s)")
+    return {name: merge_rounds(per_path[name]) for name in opts.paths}
+
+
+def measure_one_thread(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path], u8_bundle: Path | None,
+                       paths: dict[str, Any], log: Log) -> dict[str, Any]:
+    """One more batch-1 round of every path that worked, at 1 thread.
+
+    OpenMP/ORT threads that spin or wait for a descheduled sibling make multi-threaded timings on a shared CPU
+    depend on the other jobs; at 1 thread a path just gets its share of one CPU, so the ratios are steadier.
+    """
+    out: dict[str, Any] = {}
+    for name in opts.paths:
+        if "error" in paths[name]:
+            continue
+        log(f"{name} (1 thread) ...")
+        r = run_worker({**common, **_artifact(name, u8_bundle), "threads": 1, "kind": "path", "path": name, "light": True,
+                        "images": [str(f) for f in images], "warmup": opts.warmup, "batch_sizes": [],
+                        "batch_iterations": {}}, 1, opts.timeout, log)
+        if "error" not in r:
+            log(f"  p50 {r['batch1']['latency_ms']['p50']:.1f} ms, infer p50 {r['batch1']['stages_ms']['infer']['p50']:.1f} ms")
+            r["batch1"].pop("probabilities", None)
+        out[name] = r
+    return out
+
+
+def add_agreement(results: dict[str, Any]) -> None:
+    """Top-1 agreement of every path with the fastai baseline (batch 1 and phone photos), in place."""
     base = results["paths"].get("fastai", {})
-    for name, r in results["paths"].items():
+    for r in results["paths"].values():
         if "error" in r or "error" in base or not base:
             continue
         r["agreement"] = agreement(r["batch1"], base["batch1"])
         if "phone" in r and "phone" in base:
             r["phone_agreement"] = agreement(r["phone"], base["phone"])
-    results["images"]["files"] = [str(f) for f in images]
-    slim(results)
+
+
+def failures(results: dict[str, Any]) -> dict[str, str]:
+    """Path name -> one line saying why, for each path that failed in any round."""
+    out = {}
+    for name, r in results["paths"].items():
+        if "error" in r:
+            out[name] = r["error"]
+        elif r.get("round_errors"):
+            out[name] = "; ".join(r["round_errors"])
+    return out
+
+
+def write_files(results: dict[str, Any], out: Path) -> list[Path]:
+    """``bench_latency.png``, ``BENCHMARKS.md`` and ``bench_results.json`` in ``out``; returns them."""
+    from kimchi_edge.runtime.fsutil import atomic_write_json
 
     from .report import write_report
 
-    written = write_report(results, out_dir)
-    from kimchi_edge.runtime.fsutil import atomic_write_json
+    written = write_report(results, out)
+    atomic_write_json(out / RESULTS_NAME, results)
+    return [*written, out / RESULTS_NAME]
 
-    atomic_write_json(out_dir / RESULTS_NAME, results)
-    log(f"wrote {out_dir / RESULTS_NAME}, " + ", ".join(str(w) for w in written) + f" ({results['seconds']:.0f} s)")
-    failed = [n for n, r in results["paths"].items() if "error" in r or r.get("round_errors")]
-    if failed:
-        print(f"kimchi_edge.bench.compare: failed: {', '.join(failed)} (see {out_dir / RESULTS_NAME})", file=sys.stderr)
-    return 1 if failed else 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kimchi_edge.bench.compare RUN_DIR [BUNDLE] [options]`` = ``kimchi-edge bench --compare RUN_DIR [BUNDLE] [options]``."""
+    from kimchi_edge.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-"):
+        args = ["--compare", *args]
+    return cli_main(["bench", *args])
 
 
 if __name__ == "__main__":

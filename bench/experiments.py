@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .worker import Phase, percentiles
+from kimchi_edge.runtime.sysinfo import percentiles
+
+from .worker import Phase
 
 
 def _session(path: str | Path, threads: int, level: str = "ALL", spinning: bool = True) -> Any:
@@ -264,12 +266,14 @@ def preprocess_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 #: A fresh interpreter: import ONNX Runtime, load one model at one optimisation level, run it once; memory.
+#: No ``kimchi_edge.runtime`` import (it would add Pillow and the runtime to the figures): the memory probe,
+#: :mod:`kimchi_edge.runtime.sysinfo`, is loaded from its file (argv[6]) on its own, after the measurements.
 MEMORY_SNIPPET = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np, onnxruntime as ort
 t1 = time.perf_counter()
-path, level, threads, h, w = sys.argv[1:6]
+path, level, threads, h, w, sysinfo_file = sys.argv[1:7]
 o = ort.SessionOptions()
 o.log_severity_level = 3
 o.intra_op_num_threads, o.inter_op_num_threads = int(threads), 1
@@ -278,8 +282,12 @@ s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 t2 = time.perf_counter()
 inp = s.get_inputs()[0]
 s.run(None, {inp.name: np.zeros((1, int(h), int(w), 3), np.uint8 if "uint8" in inp.type else np.float32)})
-mem = {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
-print(json.dumps({"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "rss_mb": mem["VmRSS"], "peak_rss_mb": mem["VmHWM"]}))
+import importlib.util
+spec = importlib.util.spec_from_file_location("_kimchi_edge_sysinfo", sysinfo_file)
+sysinfo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sysinfo)
+mem = sysinfo.memory_mb()
+print(json.dumps({"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "rss_mb": mem.get("VmRSS"), "peak_rss_mb": mem.get("VmHWM")}))
 """
 
 
@@ -289,6 +297,7 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     import subprocess
     import sys
 
+    from kimchi_edge.runtime import sysinfo
     from kimchi_edge.runtime.manifest import read_manifest
 
     bundle = Path(cfg["bundle"])
@@ -303,7 +312,7 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
             if label != "fp32" and level != "ORT_ENABLE_ALL":
                 continue
             proc = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET, str(path), level, str(cfg["threads"]), str(spec.height),
-                                   str(spec.width)], capture_output=True, text=True, timeout=300)
+                                   str(spec.width), sysinfo.__file__], capture_output=True, text=True, timeout=300)
             key = f"{label}, {level}"
             if proc.returncode != 0:
                 out[key] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}

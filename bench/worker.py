@@ -1,8 +1,10 @@
-"""One measurement in a fresh interpreter: ``python -m bench.worker CONFIG.json OUT.json``.
+"""One measurement in a fresh interpreter: ``python -m kimchi_edge.bench.worker CONFIG.json OUT.json``.
 
 Run by :mod:`kimchi_edge.bench.compare`, one process per inference path, so that import time, load time and
 peak memory belong to that path alone.  Nothing heavy is imported before the clock starts: the
-module imports the standard library only; each path imports its own stack inside ``load()``.
+module imports the standard library only; each path imports its own stack inside ``load()``, and
+:mod:`kimchi_edge.runtime.sysinfo` (percentiles, memory, load average) is imported on first use, after it.
+It needs only the installed package: no repository checkout, no ``PYTHONPATH``, any working directory.
 
 Kinds (``config["kind"]``):
 
@@ -32,27 +34,12 @@ PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-in
 # --------------------------------------------------------------------------- machine state
 
 
-def memory_mb() -> dict[str, float]:
-    """``VmRSS`` (now) and ``VmHWM`` (peak) of this process in MB (MiB)."""
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - non-Linux
-        import resource
+def _sysinfo() -> Any:
+    """:mod:`kimchi_edge.runtime.sysinfo`, imported on first use: after a path's ``load()``, so that importing the
+    runtime package counts in that path's cold start, never before its clock."""
+    from kimchi_edge.runtime import sysinfo
 
-        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
-
-
-def loadavg() -> list[float]:
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:  # pragma: no cover
-        return []
+    return sysinfo
 
 
 def _cpu_busy_ticks() -> int | None:
@@ -79,29 +66,20 @@ class Phase:
     """Wall time, load average, and how many cores *other* processes used while a phase ran."""
 
     def __init__(self) -> None:
-        self.load_start = loadavg()
+        self.load_start = _sysinfo().loadavg()
         self.t = time.perf_counter()
         self.busy, self.mine = _cpu_busy_ticks(), _self_ticks()
         self.cpu = time.process_time()
 
     def done(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t
-        out: dict[str, Any] = {"wall_s": wall, "loadavg_start": self.load_start, "loadavg_end": loadavg(),
+        out: dict[str, Any] = {"wall_s": wall, "loadavg_start": self.load_start, "loadavg_end": _sysinfo().loadavg(),
                                "cores_used_by_this_process": (time.process_time() - self.cpu) / wall if wall else None}
         busy, mine = _cpu_busy_ticks(), _self_ticks()
         if None not in (busy, mine, self.busy, self.mine) and wall > 0:
             hz = os.sysconf("SC_CLK_TCK")
             out["cores_used_by_other_processes"] = max(0.0, ((busy - self.busy) - (mine - self.mine)) / hz / wall)
         return out
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    a = np.asarray(values, dtype=np.float64)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
 # --------------------------------------------------------------------------- paths
@@ -250,14 +228,14 @@ class TorchPath:
 
 
 class OrtPath:
-    """``runtime.Classifier`` on the bundle's ONNX artifact (ONNX Runtime, CPU)."""
+    """``kimchi_edge.runtime.Classifier`` on the bundle's ONNX artifact (ONNX Runtime, CPU)."""
 
     def __init__(self, cfg: dict[str, Any], artifact: str):
         self.cfg, self.artifact = cfg, artifact
 
     def load(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        import runtime
+        import kimchi_edge.runtime as runtime
 
         t1 = time.perf_counter()
         self.clf = runtime.Classifier.from_bundle(self.cfg["bundle"], backend="onnxruntime", artifact=self.artifact,
@@ -311,6 +289,7 @@ def _series(p: Any, images: list[bytes], warmup: int, passes: int = 1) -> dict[s
                 probs.append(p.last_probs)
             for key, v in st.items():
                 stages.setdefault(key, []).append(v)
+    percentiles = _sysinfo().percentiles
     return {"labels": labels, "probabilities": probs, "latency_ms": percentiles(stages["total"]),
             "stages_ms": {k: percentiles(v) for k, v in stages.items() if k != "total"},
             "stage_samples_ms": {k: v for k, v in stages.items()},
@@ -329,7 +308,7 @@ def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
     cold["first_predict_ms"] = (time.perf_counter() - t0) * 1e3
     cold["interpreter_start_ms"] = start_ms
     cold["ready_ms"] = (time.perf_counter() - _T0) * 1e3 + (start_ms or 0.0)
-    mem_ready = memory_mb()
+    mem_ready = _sysinfo().memory_mb()
     out: dict[str, Any] = {"path": cfg["path"], "cold_start": cold, "memory_ready_mb": mem_ready, "threads": cfg["threads"]}
     if hasattr(p, "info"):
         out["info"] = p.info()
@@ -339,12 +318,12 @@ def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
     out["images_bytes_mb"] = sum(map(len, images)) / 2**20
     out["batch1"] = _series(p, images, cfg["warmup"])
     if cfg.get("light"):  # batch-1 series only
-        out["memory_end_mb"] = memory_mb()
+        out["memory_end_mb"] = _sysinfo().memory_mb()
         return out
     if cfg.get("phone_images"):
         phone = _read(cfg["phone_images"])
         out["phone"] = _series(p, phone, min(2, cfg["warmup"]), passes=cfg.get("phone_passes", 2))
-    out["memory_after_batch1_mb"] = memory_mb()
+    out["memory_after_batch1_mb"] = _sysinfo().memory_mb()
     batches = {}
     for b in cfg["batch_sizes"]:
         items = [images[i % len(images)] for i in range(b)]
@@ -355,11 +334,11 @@ def run_path(cfg: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             labels = p.many(items)
             times.append((time.perf_counter() - t0) * 1e3)
-        batches[str(b)] = {"batch_size": b, "latency_ms": percentiles(times), "images_per_s": b * len(times) / (sum(times) / 1e3),
+        batches[str(b)] = {"batch_size": b, "latency_ms": _sysinfo().percentiles(times), "images_per_s": b * len(times) / (sum(times) / 1e3),
                            "labels_match_batch1": sum(a == c for a, c in zip(labels, out["batch1"]["labels"])) / b,
                            "machine": phase.done()}
     out["batches"] = batches
-    out["memory_end_mb"] = memory_mb()
+    out["memory_end_mb"] = _sysinfo().memory_mb()
     if cfg["path"] == "torch-eager" and hasattr(p, "flop_count"):
         out["torch_flop_counter_flops"] = p.flop_count()
     return out

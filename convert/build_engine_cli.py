@@ -27,6 +27,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(precision="fp16")
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a compatible engine of this precision exists")
+    from kimchi_edge.runtime.cliutil import add_output_args
+
+    add_output_args(parser, json_help="the engine's manifest entry and the smoke-test result")
 
 
 def _builder():
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     from kimchi_edge.runtime.backends.tensorrt_backend import TensorRTBackend, engine_mismatches, installed_facts
     from kimchi_edge.runtime.errors import UsageError
-    from kimchi_edge.runtime.manifest import read_manifest
+    from kimchi_edge.runtime.cliutil import emit, progress_log
+    from kimchi_edge.runtime.manifest import read_manifest, to_dict
 
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
@@ -67,18 +71,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         t0 = time.perf_counter()
         manifest = builder.add_engines(bundle, (args.precision,), batch=(1, 1, args.max_batch),
-                                       log=lambda msg: print(msg, file=sys.stderr))
+                                       log=lambda msg: None if args.quiet else print(msg, file=sys.stderr))
         took = time.perf_counter() - t0
         art = manifest.artifact(name)
     built_with = ", ".join(f"{k} {v}" for k, v in art.built_with.items())
+    say = progress_log(args)
     if took is None:
-        print(f"{art.name} ({art.file}) is already built for this machine ({built_with}); use --force to rebuild")
+        say(f"{art.name} ({art.file}) is already built for this machine ({built_with}); use --force to rebuild")
     else:
-        print(f"built {art.name}: {art.file} ({art.size_bytes / 1e6:.1f} MB; {built_with}) in {took:.0f} s")
+        say(f"built {art.name}: {art.file} ({art.size_bytes / 1e6:.1f} MB; {built_with}) in {took:.0f} s")
     pre = manifest.preprocessing
     shape = (1, pre.height, pre.width, 3) if pre.layout == "NHWC" else (1, 3, pre.height, pre.width)
     with TensorRTBackend(bundle, manifest, art, installed=facts) as backend:
-        logits = backend.infer(np.zeros(shape, dtype=np.uint8))
-    print(f"loaded and ran it here (logits {tuple(logits.shape)}); score it on the validation images with: "
-          f"kimchi-edge verify {bundle}")
+        # the bundle's own input dtype: float32 whenever training's batch resample makes fractional pixels
+        logits = backend.infer(np.zeros(shape, dtype=np.dtype(pre.dtype)))
+    emit(args, {"bundle": str(bundle), "artifact": to_dict(art), "built": took is not None,
+                "seconds": None if took is None else round(took, 1), "smoke_test": {"input": [list(shape), pre.dtype],
+                                                                                     "logits_shape": list(logits.shape)}},
+         f"loaded and ran it here (logits {tuple(logits.shape)}); score it on the validation images with: "
+         f"kimchi-edge verify {bundle}")
     return 0

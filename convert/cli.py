@@ -44,7 +44,23 @@ def thresholds_from_args(args: argparse.Namespace):
     return Thresholds(min_agreement=args.min_agreement / 100.0, max_loss_points=args.max_loss, int8_max_loss_points=args.int8_max_loss)
 
 
+def gate_doc(report) -> dict:
+    """The gate's verdict as the ``--json`` output of ``convert`` and ``verify`` (the figures, not the prose)."""
+    if report is None:
+        return {"passed": None, "artifacts": {}}
+    arts = {}
+    for r in report.results:
+        m = r.metrics or {}
+        arts[r.name] = {"status": r.status, "reason": r.reason, "precision": r.precision,
+                        **{k: m[k] for k in ("top1", "delta", "agreement", "max_abs_dprob") if k in m},
+                        "images_per_s": round(r.images_per_s, 1)}
+    return {"passed": report.passed, "images": report.reference["n"], "reference_top1": report.reference["top1"],
+            "artifacts": arts, "recommended": dict(report.recommended), "notes": list(report.notes)}
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from kimchi_edge.runtime.cliutil import add_output_args
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples in the description
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by kimchi-edge train (learner.pkl, model_meta.json, split.json)")
     parser.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle; a previous bundle is replaced when the new one is complete)")
@@ -63,11 +79,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import this module or .py file before loading the learner (functions its pickle needs); repeatable")
     parser.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (run kimchi-edge verify later)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables; errors and the verdict only")
     add_gate_args(parser)
+    add_output_args(parser, json_help="the bundle, the gate's verdict per artifact and the recommendation")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kimchi_edge.runtime.cliutil import emit, progress_log
+
     from .bundle import bundle_from_run
 
     thresholds = thresholds_from_args(args)
@@ -90,9 +108,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         fast_decode=args.fast_decode,
-        quiet=args.quiet,
+        quiet=args.quiet or args.json,  # fastai's own bars write to stdout: nothing but the JSON goes there
+        log=progress_log(args),
     )
     rec = ", ".join(f"{b}: {n}" for b, n in result.manifest.recommended.items())
     verdict = "gate passed" if result.gate and result.gate.passed else ("gate not run" if result.gate is None else "gate failed")
-    print(f"bundle: {result.path} ({verdict}; {result.seconds.get('total', 0):.0f} s; recommended {rec})")
+    doc = {"bundle": str(result.path), "gate": gate_doc(result.gate), "recommended": dict(result.manifest.recommended),
+           "artifacts": [a.name for a in result.manifest.artifacts], "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+           "notes": result.notes}
+    emit(args, doc, f"bundle: {result.path} ({verdict}; {result.seconds.get('total', 0):.0f} s; recommended {rec})")
     return 0

@@ -8,50 +8,40 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 from kimchi_edge.runtime.errors import BundleError, DataError, UsageError
 from kimchi_edge.runtime.fsutil import read_json
-from kimchi_edge.runtime.manifest import MODEL_META_NAME, ModelMeta, model_meta_from_dict
+from kimchi_edge.runtime.manifest import MODEL_META_NAME, SPLIT_NAME, Item, ModelMeta, Split, model_meta_from_dict, read_typed
 
-SPLIT_NAME = "split.json"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image of the split: ``file`` relative to the data root (POSIX), and its label."""
-
-    file: str
-    label: str
+__all__ = ["Item", "RunFolder", "SPLIT_NAME", "read_run", "resolve_images", "stratified_sample"]
 
 
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
     meta: ModelMeta
-    split: Mapping[str, Any]
-    train: tuple[Item, ...]
-    valid: tuple[Item, ...]
+    split: Split
+
+    @property
+    def train(self) -> tuple[Item, ...]:
+        return self.split.train
+
+    @property
+    def valid(self) -> tuple[Item, ...]:
+        return self.split.valid
+
+    @property
+    def test(self) -> tuple[Item, ...]:
+        return self.split.test
 
     @property
     def data_root(self) -> Path:
-        return Path(self.split["data_root"])
+        return Path(self.split.data_root)
 
     @property
     def learner(self) -> Path:
         return self.path / "learner.pkl"
-
-
-def _items(split: Mapping[str, Any], key: str, where: Path) -> tuple[Item, ...]:
-    raw = split.get(key)
-    if not isinstance(raw, list):
-        raise BundleError(f"{where}: '{key}' must be a list of {{file, label}} objects")
-    out = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, Mapping) or "file" not in entry or "label" not in entry:
-            raise BundleError(f"{where}: {key}[{i}] must have 'file' and 'label'")
-        out.append(Item(str(entry["file"]), str(entry["label"])))
-    return tuple(out)
 
 
 def read_run(run_dir: str | Path) -> RunFolder:
@@ -70,22 +60,18 @@ def read_run(run_dir: str | Path) -> RunFolder:
             raise UsageError(f"{run} has no {name}: not a kimchi-edge run folder (or an interrupted one)")
     try:
         meta_raw = read_json(run / MODEL_META_NAME)
-        split = read_json(run / SPLIT_NAME)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"{run}: {exc}") from exc
     meta = model_meta_from_dict(meta_raw)  # refuses fewer than 2 labels
-    if not isinstance(split, Mapping) or "data_root" not in split:
-        raise BundleError(f"{run / SPLIT_NAME}: expected an object with data_root, train and valid")
-    train, valid = _items(split, "train", run / SPLIT_NAME), _items(split, "valid", run / SPLIT_NAME)
-    vocab = split.get("vocab")
-    if vocab is not None and tuple(str(v) for v in vocab) != meta.labels:
-        raise BundleError(f"{run}: split.json vocab {list(vocab)} differs from model_meta.json labels {list(meta.labels)}")
-    if not valid:
+    split: Split = read_typed(Split, run / SPLIT_NAME)
+    if split.vocab and split.vocab != meta.labels:
+        raise BundleError(f"{run}: split.json vocab {list(split.vocab)} differs from model_meta.json labels {list(meta.labels)}")
+    if not split.valid:
         raise BundleError(f"{run / SPLIT_NAME} has no validation images: the accuracy gate needs them")
-    unknown = sorted({it.label for it in valid + train} - set(meta.labels))
+    unknown = sorted({it.label for it in split.valid + split.train + split.test} - set(meta.labels))
     if unknown:
         raise BundleError(f"{run / SPLIT_NAME} has labels not in the model's vocab: {unknown[:5]}")
-    return RunFolder(run, meta, split, train, valid)
+    return RunFolder(run, meta, split)
 
 
 def resolve_images(items: Sequence[Item], data_root: str | Path, *, what: str = "validation", option: str = "--data") -> list[Path]:

@@ -13,7 +13,6 @@ bundle (not inside it), so rebuilding after an upgrade is fast and the bundle st
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Mapping
 from kimchi_edge.runtime.errors import MissingDependencyError
 from kimchi_edge.runtime.fsutil import atomic_write_bytes, sha256_file
 from kimchi_edge.runtime.manifest import Artifact, BundleManifest, read_manifest, write_manifest
+from kimchi_edge.runtime.sysinfo import cuda_device_facts
 
 PRECISIONS = ("fp16", "int8")
 #: artifact name -> the ONNX artifact it is built from
@@ -46,37 +46,6 @@ def default_timing_cache(bundle_dir: str | Path) -> Path:
     return b.parent / f"{b.name}.trt-timing.cache"
 
 
-def _cuda_driver() -> Any | None:
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(lib)
-        except OSError:
-            continue
-    return None
-
-
-def gpu_facts() -> dict[str, str]:
-    """GPU name, compute capability and CUDA driver version through the CUDA driver API (no torch)."""
-    drv = _cuda_driver()
-    if drv is None or drv.cuInit(0) != 0:
-        return {}
-    facts: dict[str, str] = {}
-    version = ctypes.c_int()
-    if drv.cuDriverGetVersion(ctypes.byref(version)) == 0:
-        facts["cuda_driver"] = f"{version.value // 1000}.{(version.value % 1000) // 10}"
-    dev = ctypes.c_int()
-    if drv.cuDeviceGet(ctypes.byref(dev), 0) != 0:
-        return facts
-    name = ctypes.create_string_buffer(256)
-    if drv.cuDeviceGetName(name, 256, dev) == 0:
-        facts["gpu"] = name.value.decode(errors="replace")
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
-    if drv.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) == 0 and drv.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev) == 0:
-        facts["compute_capability"] = f"{major.value}.{minor.value}"
-    return facts
-
-
 def tensorrt_unavailable_reason() -> str | None:
     """``None`` when engines can be built here, else one line saying why not."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
@@ -89,7 +58,7 @@ def tensorrt_unavailable_reason() -> str | None:
         import polygraphy  # noqa: F401
     except ImportError:
         return "polygraphy is not installed (pip install polygraphy)"
-    if not gpu_facts().get("gpu"):
+    if not cuda_device_facts()["gpu"]:
         return "no CUDA GPU found (libcuda could not be loaded or reports no device)"
     return None
 
@@ -152,7 +121,7 @@ def engine_from_onnx(
     atomic_write_bytes(Path(engine_path), bytes(data))
     facts = {
         "tensorrt": trt.__version__,
-        **gpu_facts(),
+        **cuda_device_facts(),
         "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
         "profile": {"input": input_name, "min": [lo, *input_shape], "opt": [opt, *input_shape], "max": [hi, *input_shape]},
         "onnx_file": onnx_path.name,

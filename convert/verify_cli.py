@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from kimchi_edge.runtime.cliutil import add_output_args
+
 from .cli import add_gate_args, thresholds_from_args
 
 
@@ -24,11 +26,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifact", action="append", default=None, metavar="NAME",
                         help="score only this artifact (repeatable; default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave gate.md/gate.json/manifest.json alone")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or table; the verdict only")
     add_gate_args(parser)
+    add_output_args(parser, json_help="the gate's verdict and figures per artifact")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kimchi_edge.runtime.cliutil import emit, progress_log
+    from kimchi_edge.runtime.errors import GateFailed
+
+    from .cli import gate_doc
     from .gate import run_gate
 
     report = run_gate(
@@ -42,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         write=not args.no_write,
         data_option="--images",
+        raise_on_failure=False,  # the verdict is printed (or emitted as JSON) first, then the failure
+        log=progress_log(args),
     )
     scored = sum(1 for r in report.results if r.status in ("pass", "fail"))
-    print(f"gate {'passed' if report.passed else 'failed'}: {scored} artifact(s) scored on {report.reference['n']} images"
-          + ("" if args.no_write else f"; report: {report.bundle}/gate.md"))
+    emit(args, {"bundle": report.bundle, "gate": gate_doc(report)},
+         f"gate {'passed' if report.passed else 'failed'}: {scored} artifact(s) scored on {report.reference['n']} images"
+         + ("" if args.no_write else f"; report: {report.bundle}/gate.md"))
+    if not report.passed:
+        raise GateFailed(f"accuracy gate failed: {'; '.join(report.notes[:1])}"
+                         + ("" if args.no_write else f" (see {report.bundle}/gate.md)"))
     return 0

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kimchi_edge.train.cli", "train a fastai image classifier on a folder-per-class dataset"),
     "convert": ("kimchi_edge.convert.cli", "learner -> model bundle (TorchScript, ONNX, INT8, TensorRT) + accuracy gate"),
     "verify": ("kimchi_edge.convert.verify_cli", "run the accuracy gate on a bundle (no fastai/torch needed)"),
+    "info": ("kimchi_edge.runtime.info_cli", "what a bundle holds: model, artifacts, gate verdicts, verification set"),
     "predict": ("kimchi_edge.runtime.predict_cli", "classify images with a bundle"),
     "serve": ("kimchi_edge.runtime.serve_cli", "HTTP server for a bundle (POST /predict)"),
     "bench": ("kimchi_edge.runtime.bench_cli", "benchmark a bundle: latency percentiles, throughput, per-stage split"),

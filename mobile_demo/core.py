@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from kimchi_edge.runtime.errors import KimchiEdgeError, UsageError
-from kimchi_edge.runtime.manifest import MANIFEST_NAME
+from kimchi_edge.runtime.manifest import MANIFEST_NAME, BundleManifest, GateSummary, artifact_gate
 from kimchi_edge.runtime.preprocess import decode_image
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,28 @@ def classify_image(classifier: Any, data: bytes, name: str, top_k: int = 3) -> I
     return result
 
 
+def warm_up(classifier: Any, size: tuple[int, int] = (640, 480)) -> ImageResult:
+    """Send one throw-away photo through the page's whole path: decode, preview, preprocess, inference.
+
+    The first image a process handles pays one-off costs (Pillow's JPEG decoder, numpy's first resize and
+    normalisation, ONNX Runtime's first run); done once when the classifier is loaded, the first photo a user
+    takes shows the latency of every later one.
+
+    Args:
+        classifier: a :class:`runtime.Classifier`.
+        size: width and height of the generated photo-like JPEG (a phone camera frame).
+
+    Returns:
+        The warm-up's :class:`ImageResult` (its timings are the cold ones); a failure is logged, not raised.
+    """
+    from kimchi_edge.runtime.bench_cli import photo_like_jpeg  # the runtime's generated test photo
+
+    result = classify_image(classifier, photo_like_jpeg(*size), "warm-up photo", top_k=1)
+    if not result.ok:
+        log.warning("warm-up prediction failed: %s", result.error)
+    return result
+
+
 def _message(name: str, message: str) -> str:
     """``"12345 bytes is not an image ..."`` -> ``"cat.jpg (12,345 bytes) is not an image ..."``."""
     head, sep, tail = message.partition(" bytes ")
@@ -292,62 +314,34 @@ def backend_line(info: Mapping[str, Any]) -> str:
     return f"{backend}{prov}{tail}"
 
 
-def gate_summary(gate: Mapping[str, Any] | None) -> tuple[str, list[tuple[str, str]]]:
-    """A headline and ``(key, value)`` rows for the bundle's gate summary, whatever its exact fields.
+def gate_summary(gate: GateSummary | None) -> tuple[str, list[str]]:
+    """A headline and plain sentences for the bundle's accuracy gate (:class:`GateSummary`, the typed ``manifest.gate``).
 
     Returns:
-        ``("no accuracy gate report in this bundle", [])`` when there is none; otherwise a headline
-        such as ``"gate passed"`` / ``"gate FAILED"`` and the scalar entries as text.
+        ``("no accuracy gate report in this bundle ...", [])`` when the gate never ran; otherwise
+        ``("gate passed" | "gate FAILED", sentences)``: what was measured, then one line per artifact in words.
     """
-    if not gate:
+    if gate is None:
         return "no accuracy gate report in this bundle (run `kimchi-edge verify BUNDLE`)", []
-    status = None
-    for key in ("passed", "pass", "ok"):
-        if isinstance(gate.get(key), bool):
-            status = gate[key]
-            break
-    if status is None and isinstance(gate.get("status"), str):
-        status = gate["status"].lower() in ("pass", "passed", "ok")
-    headline = "gate passed" if status else ("gate FAILED" if status is False else "gate report")
-    rows: list[tuple[str, str]] = []
-    for key, value in gate.items():
-        if key in ("passed", "pass", "ok"):
-            continue
-        if key == "artifacts" and isinstance(value, Mapping):
-            # convert's summary: {name: {"status": "pass"|"fail"|..., "reason": ...}}
-            parts = []
-            for name, entry in value.items():
-                if isinstance(entry, Mapping):
-                    reason = f" ({entry['reason']})" if entry.get("reason") else ""
-                    parts.append(f"{name} {entry.get('status', '?')}{reason}")
-                else:
-                    parts.append(f"{name} {entry}")
-            rows.append(("artifacts", ", ".join(parts)))
-        elif isinstance(value, float):
-            rows.append((str(key), f"{value:.4g}"))
-        elif isinstance(value, (str, int, bool)) or value is None:
-            rows.append((str(key), str(value)))
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int, float)) for v in value) and len(value) <= 8:
-            rows.append((str(key), "; ".join(map(str, value))))
-    return headline, rows
+    return ("gate passed" if gate.passed else "gate FAILED"), gate.in_words()
 
 
-def artifact_gate_line(manifest: Any, artifact_name: str | None) -> str | None:
-    """The gate's verdict on the artifact in use, e.g. ``"onnx-int8: pass · top-1 91.2% · Δ -0.3 points · agreement 98.7%"``."""
-    for art in getattr(manifest, "artifacts", ()):
+def artifact_gate_line(manifest: BundleManifest, artifact_name: str | None) -> str | None:
+    """The gate's figures for the artifact in use, in words.
+
+    e.g. ``"onnx-int8 passed: 91.2 % right, 0.25 points below the fastai learner, same answer on 98.7 % of images"``.
+    """
+    for art in manifest.artifacts:
         if art.name != artifact_name:
             continue
-        g = (art.details or {}).get("gate") if isinstance(art.details, Mapping) else None
-        if not isinstance(g, Mapping):
+        g = artifact_gate(art)
+        if g is None:
             return None
-        parts = [f"{art.name}: {g.get('status', '?')}"]
-        if isinstance(g.get("top1"), (int, float)):
-            parts.append(f"top-1 {g['top1']:.1%}")
-        if isinstance(g.get("delta_points"), (int, float)):
-            parts.append(f"Δ {g['delta_points']:+.2f} points")
-        if isinstance(g.get("agreement"), (int, float)):
-            parts.append(f"agreement {g['agreement']:.1%}")
-        return " · ".join(parts)
+        word = {"pass": "passed", "fail": "failed"}.get(g.status, g.status)
+        d = g.delta_points
+        change = "as accurate as the fastai learner" if abs(d) < 0.005 else (
+            f"{abs(d):.2f} points {'below' if d < 0 else 'above'} the fastai learner")
+        return f"{art.name} {word}: {g.top1:.1%} right, {change}, same answer on {g.agreement:.1%} of images"
     return None
 
 
@@ -364,7 +358,7 @@ def bundle_facts(classifier: Any) -> dict[str, Any]:
         "backend": backend_line(info),
         "notes": list(info.get("notes", [])),
         "gate_headline": headline,
-        "gate_short": headline if rows or headline.startswith("gate") else "no gate report",
+        "gate_short": headline if headline.startswith("gate") else "no gate report",
         "gate_rows": rows,
         "gate_in_use": artifact_gate_line(manifest, info.get("artifact")),
         "bundle": str(info.get("bundle", "")),
@@ -559,4 +553,5 @@ __all__ = [
     "gate_summary",
     "parse_ice_servers",
     "stage_timings",
+    "warm_up",
 ]

@@ -3,13 +3,18 @@
 Layout only; the work is in :mod:`kimchi_edge.mobile_demo.core`.  Every bad input ends as a message on the page
 (``st.error``), never as a stopped app.  Korean labels are shown as page text (the browser's fonts
 render Hangul), never drawn into video frames.
+
+Streamlit 1.60 and later work (1.65 is the last release for Python 3.10, e.g. a Jetson on JetPack 6).  What later
+releases add is detected once (:data:`FEATURES`) and replaced, saying so, where it is missing.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -31,6 +36,7 @@ from .core import (
     classify_image,
     describe_mode,
     format_timings,
+    warm_up,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,36 @@ LIVE_CONSTRAINTS = {"video": {"width": {"ideal": 640}, "height": {"ideal": 480},
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
+def _accepts(func: Any, name: str) -> bool:
+    """Whether ``func`` takes a keyword argument ``name`` (how a newer Streamlit feature is detected)."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class StreamlitFeatures:
+    """What the installed Streamlit offers beyond the oldest release the demo supports (1.60).
+
+    Attributes:
+        version: ``streamlit.__version__``.
+        bound_tabs: ``st.tabs(key=, bind="query-params")`` with ``TabContainer.open`` (Streamlit >= 1.65): the
+            tabs follow ``?mode=`` and only the open one runs.  Without it the modes are a selector that does the
+            same (:func:`mode_selector`), and the sidebar says so.
+    """
+
+    version: str
+    bound_tabs: bool
+
+    @classmethod
+    def detect(cls) -> "StreamlitFeatures":
+        return cls(version=st.__version__, bound_tabs=_accepts(st.tabs, "bind"))
+
+
+FEATURES = StreamlitFeatures.detect()
+
+
 def script_args() -> list[str]:
     """Arguments after ``--`` of ``streamlit run mobile_demo/app.py -- --bundle B`` (none under AppTest)."""
     return sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "app.py" else []
@@ -47,9 +83,15 @@ def script_args() -> list[str]:
 
 @st.cache_resource(show_spinner="Loading the model bundle…", max_entries=4)
 def load_classifier(bundle: str, backend: str, stamp: float) -> Classifier:
-    """One classifier per (bundle, backend, manifest mtime) for the whole server; failures are not cached."""
+    """One classifier per (bundle, backend, manifest mtime) for the whole server; failures are not cached.
+
+    It is warmed up here (one throw-away photo through decode, preprocess and inference), so the first
+    photo a user sends shows the same latency as the next ones.
+    """
     del stamp  # only part of the cache key: a re-converted bundle is reloaded
-    return Classifier.from_bundle(bundle, backend=backend)
+    clf = Classifier.from_bundle(bundle, backend=backend)
+    warm_up(clf)
+    return clf
 
 
 def md_escape(text: str) -> str:
@@ -78,12 +120,15 @@ def show_model_sidebar(facts: dict[str, Any]) -> None:
     sb.markdown(f"**Backend** {md_escape(facts['backend'])}")
     for note in facts["notes"]:
         sb.caption(note)
-    sb.markdown(f"**Accuracy gate** {facts['gate_headline']}")
-    if facts.get("gate_in_use"):
-        sb.markdown(f"in use: {md_escape(facts['gate_in_use'])}")
-    if facts["gate_rows"]:
-        sb.markdown("  \n".join(f"{md_escape(k)}: `{v}`" for k, v in facts["gate_rows"]))
     sb.caption(f"bundle: {facts['bundle']}")
+    sb.header("Accuracy gate")
+    rows = facts["gate_rows"]
+    if not rows:  # never ran: the headline says so and how to run it
+        sb.markdown(facts["gate_headline"])
+    else:  # a sentence on the run, then one line per artifact
+        sb.markdown(md_escape(rows[0]) + "".join(f"\n- {md_escape(line)}" for line in rows[1:]))
+    if facts.get("gate_in_use"):
+        sb.markdown(f"**In use** {md_escape(facts['gate_in_use'])}")
 
 
 def insecure_camera_warning() -> None:
@@ -121,15 +166,34 @@ def show_result(result: ImageResult, facts: dict[str, Any], *, preview: bool = T
             st.caption(f"converted from {describe_mode(result.source_mode)} to RGB")
 
 
+def top_chart_spec() -> dict[str, Any]:
+    """Vega-Lite spec of the top-k chart: horizontal bars, best on top, on a fixed 0-100 % axis.
+
+    The axis never stops at the top probability, so a 64 % winner leaves the runner-ups looking as small as they are.
+    """
+    return {
+        "height": {"step": 26},  # a fixed height per bar (Streamlit squeezes a fixed chart height into a few pixels)
+        "layer": [
+            {"mark": {"type": "bar", "cornerRadiusEnd": 3}},
+            {"mark": {"type": "text", "align": "left", "dx": 4, "baseline": "middle"},
+             "encoding": {"text": {"field": "probability", "type": "quantitative", "format": ".1%"}}},
+        ],
+        "encoding": {
+            "y": {"field": "label", "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 240}},
+            "x": {"field": "probability", "type": "quantitative", "title": "probability",
+                  "scale": {"domain": [0, 1], "clamp": True}, "axis": {"format": ".0%", "tickCount": 5}},
+            "tooltip": [{"field": "label", "type": "nominal"},
+                        {"field": "probability", "type": "quantitative", "format": ".1%"}],
+        },
+    }
+
+
 def top_chart(top: list[tuple[str, float]]) -> None:
-    """Horizontal bar chart of the top-k probabilities, best on top."""
+    """Horizontal bar chart of the top-k probabilities (``top`` is best first)."""
     import pandas as pd  # Streamlit's own dependency
 
     df = pd.DataFrame({"label": [lab for lab, _ in top], "probability": [float(p) for _, p in top]})
-    st.bar_chart(
-        df, x="label", y="probability", horizontal=True, sort="-probability",
-        x_label="", y_label="probability", height=60 + 32 * len(top),
-    )
+    st.vega_lite_chart(df, top_chart_spec())
 
 
 # --------------------------------------------------------------------------- tabs
@@ -239,6 +303,16 @@ def live_tab(clf: Classifier, facts: dict[str, Any], top_k: int, max_rate: float
             live_panel(predictor, False)
 
 
+def mode_selector() -> str:
+    """The modes as a horizontal selector kept in ``?mode=`` (Streamlit without tabs bound to query parameters)."""
+    wanted = st.query_params.get("mode")
+    mode = st.radio("Mode", TABS, index=TABS.index(wanted) if wanted in TABS else 0, horizontal=True,
+                    key="mode", label_visibility="collapsed")
+    if wanted != mode:
+        st.query_params["mode"] = mode
+    return mode
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -271,13 +345,17 @@ def main() -> None:
     top_k = st.sidebar.slider("Top-k labels", 1, min(10, n), min(3, n), key="top_k")
     max_rate = st.sidebar.slider("Live: predictions per second", 1, 15, 5, key="live_rate")
 
-    tabs = st.tabs(list(TABS), key="mode", bind="query-params")
-    with tabs[0]:
-        if tabs[0].open:
-            snapshot_tab(clf, facts, top_k)
-    with tabs[1]:
-        if tabs[1].open:
-            upload_tab(clf, facts, top_k)
-    with tabs[2]:
-        if tabs[2].open:
-            live_tab(clf, facts, top_k, float(max_rate), cfg)
+    modes = {
+        "Snapshot": lambda: snapshot_tab(clf, facts, top_k),
+        "Upload": lambda: upload_tab(clf, facts, top_k),
+        "Live": lambda: live_tab(clf, facts, top_k, float(max_rate), cfg),
+    }
+    if FEATURES.bound_tabs:
+        for tab, render in zip(st.tabs(list(TABS), key="mode", bind="query-params"), modes.values()):
+            with tab:
+                if tab.open:  # only the open tab runs: no camera or WebRTC session behind a hidden tab
+                    render()
+    else:
+        st.sidebar.caption(f"Streamlit {FEATURES.version}: the modes are a selector here "
+                           "(tabs that follow the address need Streamlit 1.65 or later).")
+        modes[mode_selector()]()

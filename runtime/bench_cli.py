@@ -1,22 +1,32 @@
-"""Benchmark a bundle from image bytes to label: latency percentiles, throughput, per-stage split, cold start.
+"""Benchmark a bundle from image bytes to label, or compare it with fastai side by side (--compare).
 
-Example::
+Examples:
 
     kimchi-edge bench runs/food10/bundle --images ../shared/data/food10/valid/kimchi --batch-sizes 1,8,32
-    kimchi-edge bench runs/food10/bundle --json bench.json
+    kimchi-edge bench runs/food10/bundle --json > bench.json
+    kimchi-edge bench --compare runs/food10 --images ../shared/data/food10/valid --out docs/
 
-Each batch size is warmed up, then timed ``--iterations`` times: p50/p90/p99 latency per batch,
-images per second, and the mean time per image spent decoding, preprocessing and in inference.  The
-images are real files when ``--images`` is given (read into memory first: disk speed is not measured),
-else one generated photo-like 1280x960 JPEG.  Cold start (import + bundle load + first prediction) and
-peak memory are measured in a fresh Python process, as a user's first call would see them.
+kimchi-edge bench BUNDLE (needs only the runtime): each batch size is warmed up, then timed --iterations
+times: p50/p90/p99 latency per batch, images per second, and the mean time per image spent decoding,
+preprocessing and in inference.  The images are real files when --images is given (read into memory
+first: disk speed is not measured), else one generated photo-like 1280x960 JPEG.  Cold start (import +
+bundle load + first prediction) and peak memory are measured in a fresh Python process, as a user's
+first call would see them.
+
+kimchi-edge bench --compare RUN_DIR [BUNDLE] (needs pip install 'kimchi-edge[convert]'): fastai's
+learn.predict against torch eager, TorchScript and ONNX Runtime FP32/INT8 on the same real images,
+every path in its own fresh process, each run --rounds times; writes BENCHMARKS.md, bench_latency.png
+and bench_results.json into --out (default: the current folder).  This is how docs/BENCHMARKS.md is made.
+
+--json prints the result as one UTF-8 JSON object on stdout (progress lines then go to stderr);
+--quiet prints nothing but errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable
 
 #: Run in a fresh interpreter: import, load and first prediction, then memory.  Prints one JSON line.
 COLD_START = r"""
@@ -30,21 +40,24 @@ clf = runtime.Classifier.from_bundle(bundle, backend=backend, artifact=artifact 
 t2 = time.perf_counter()
 pred = clf.predict(image)
 t3 = time.perf_counter()
-mem = {}
-try:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                mem[line.split(":")[0]] = int(line.split()[1]) / 1024
-except OSError:
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    mem["VmHWM"] = peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+from kimchi_edge.runtime.sysinfo import memory_mb
+mem = memory_mb()
 heavy = sorted(m for m in ("torch", "fastai", "tensorrt") if m in sys.modules)
 print(json.dumps({"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "first_predict_ms": (t3 - t2) * 1e3,
                   "total_ms": (t3 - t0) * 1e3, "rss_mb": mem.get("VmRSS"), "peak_rss_mb": mem.get("VmHWM"),
                   "label": pred.label, "heavy_modules": heavy}, ensure_ascii=False))
 """
+
+#: ``kimchi-edge bench BUNDLE`` defaults of the options ``--compare`` also has (its own are in ``CompareOptions``).
+BUNDLE_DEFAULTS = {"max_images": 64, "warmup": 3, "iterations": 20, "batch_sizes": [1, 8, 32]}
+#: dest -> option, for the options of one mode only (``None`` when not given).
+BUNDLE_ONLY = {"iterations": "--iterations", "cold_start": "--no-cold-start", "artifact": "--artifact", "precision": "--precision"}
+COMPARE_ONLY = {
+    "out": "--out", "rounds": "--rounds", "phone_photos": "--phone-photos", "phone_size": "--phone-size",
+    "phone_passes": "--phone-passes", "batch_images": "--batch-images", "paths": "--paths", "experiments": "--no-experiments",
+    "one_thread_round": "--no-one-thread-round", "calib": "--calib", "fastai_progress_bar": "--fastai-progress-bar",
+    "timeout": "--timeout",
+}
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -58,26 +71,89 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``"3000x2250"`` -> ``(3000, 2250)`` (argparse type)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 3000x2250, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 3000x2250, got {text!r}")
+    return w, h
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
     return value
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    """Declare the ``bench`` options."""
-    from .cliutil import add_model_args, positive_int
+    """Declare the ``bench`` options (``--compare`` ones in their own group)."""
+    from pathlib import Path
 
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
-    parser.add_argument("--images", metavar="DIR", default=None, help="folder of real images (default: one generated photo-like JPEG)")
-    parser.add_argument("--max-images", type=positive_int, default=64, help="use at most this many files from --images (default: %(default)s)")
-    parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs per batch size (default: %(default)s)")
-    parser.add_argument("--iterations", type=positive_int, default=20, help="timed runs per batch size (default: %(default)s)")
-    parser.add_argument("--batch-sizes", type=batch_sizes, default=[1, 8, 32], help="comma-separated (default: 1,8,32)")
-    parser.add_argument("--no-cold-start", dest="cold_start", action="store_false", help="skip the fresh-process cold-start measurement")
-    parser.add_argument("--json", metavar="OUT", default=None, help="also write the results as UTF-8 JSON to OUT")
+    from kimchi_edge.bench import EXTRA
+    from kimchi_edge.bench.compare import PATHS, CompareOptions
+
+    from .cliutil import add_model_args, add_output_args, positive_int
+
+    c = CompareOptions(run_dir=Path(), images=Path())  # the --compare defaults, for the help
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples in the description
+    parser.add_argument("bundle", metavar="BUNDLE", nargs="?", default=None,
+                        help="bundle folder (with manifest.json); with --compare: default RUN_DIR/bundle")
+    parser.add_argument("--images", metavar="DIR", default=None,
+                        help="folder of real images (default: one generated photo-like JPEG; --compare: required)")
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
+                        help=f"use at most this many files from --images (default: {BUNDLE_DEFAULTS['max_images']}; "
+                             f"--compare: {c.max_images}, spread over the sorted files)")
+    parser.add_argument("--warmup", type=_non_negative, default=None, metavar="N",
+                        help=f"untimed runs per batch size (default: {BUNDLE_DEFAULTS['warmup']}; --compare: per series, {c.warmup})")
+    parser.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                        help=f"timed runs per batch size (default: {BUNDLE_DEFAULTS['iterations']})")
+    parser.add_argument("--batch-sizes", type=batch_sizes, default=None, metavar="B,B",
+                        help=f"comma-separated (default: {','.join(map(str, BUNDLE_DEFAULTS['batch_sizes']))}; "
+                             f"--compare: throughput sizes, {','.join(map(str, c.batch_sizes))})")
+    parser.add_argument("--no-cold-start", dest="cold_start", action="store_const", const=False, default=None,
+                        help="skip the fresh-process cold-start measurement")
     add_model_args(parser)
+    add_output_args(parser, json_help="the measurements (with --compare: bench_results.json)")
+
+    g = parser.add_argument_group(
+        f"fastai vs the exported model (--compare; needs pip install 'kimchi-edge[{EXTRA}]')",
+        f"--threads defaults to {c.threads} with --compare (the threads of the reference points);\n"
+        "--backend, --artifact, --precision, --iterations and --no-cold-start do not apply.")
+    g.add_argument("--compare", metavar="RUN_DIR", default=None,
+                   help="run folder of kimchi-edge train (learner.pkl): time learn.predict, torch eager, TorchScript and "
+                        "ONNX Runtime FP32/INT8 side by side and write BENCHMARKS.md, bench_latency.png, bench_results.json")
+    g.add_argument("--out", type=Path, metavar="DIR", default=None, help="where the three files go (default: the current folder)")
+    g.add_argument("--rounds", type=positive_int, default=None, metavar="N",
+                   help=f"run every path N times, alternating the order (ABC, CBA, ...), samples pooled (default: {c.rounds})")
+    g.add_argument("--phone-photos", type=_non_negative, default=None, metavar="N",
+                   help=f"phone-size photos made by upscaling (0: none; default: {c.phone_photos})")
+    g.add_argument("--phone-size", type=image_size, default=None, metavar="WxH",
+                   help=f"size of the phone photos (default: {c.phone_size[0]}x{c.phone_size[1]})")
+    g.add_argument("--phone-passes", type=positive_int, default=None, metavar="N",
+                   help=f"timed passes over the phone photos (default: {c.phone_passes})")
+    g.add_argument("--batch-images", type=positive_int, default=None, metavar="N",
+                   help=f"images timed per batch size (default: {c.batch_images})")
+    g.add_argument("--paths", type=_names, default=None, metavar="P,P", help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
+    g.add_argument("--no-experiments", dest="experiments", action="store_const", const=False, default=None,
+                   help="skip the variants that were tried")
+    g.add_argument("--no-one-thread-round", dest="one_thread_round", action="store_const", const=False, default=None,
+                   help="skip the extra batch-1 round of every path at 1 thread (steadier ratios on a shared CPU)")
+    g.add_argument("--calib", type=_non_negative, default=None, metavar="N",
+                   help=f"training images to calibrate the re-quantized INT8 model (ort-int8-u8) with (default: {c.calib})")
+    g.add_argument("--fastai-progress-bar", action="store_const", const=True, default=None,
+                   help="leave fastai's progress bar on in learn.predict (off by default: it only adds time)")
+    g.add_argument("--timeout", type=positive_int, default=None, metavar="S", help=f"seconds per worker process (default: {c.timeout})")
 
 
 def photo_like_jpeg(width: int = 1280, height: int = 960, seed: int = 0, quality: int = 90) -> bytes:
@@ -107,21 +183,12 @@ def photo_like_jpeg(width: int = 1280, height: int = 960, seed: int = 0, quality
     return buf.getvalue()
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/mean/min/max of ``values``."""
-    import numpy as np
-
-    a = np.asarray(values, dtype=np.float64)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
-
-
 def load_images(folder: str | None, limit: int, clf: Any) -> tuple[list[bytes], str]:
-    """Image bytes to benchmark with and a description; unreadable files are skipped with a warning."""
+    """Image bytes to benchmark with and a description; unreadable files are skipped with a message on stderr."""
     from pathlib import Path
 
     from .errors import InvalidInputError, UsageError
-    from .predict_cli import IMAGE_SUFFIXES
+    from .sysinfo import IMAGE_SUFFIXES
 
     if folder is None:
         data = photo_like_jpeg()
@@ -147,7 +214,7 @@ def load_images(folder: str | None, limit: int, clf: Any) -> tuple[list[bytes], 
 
 
 def cold_start(args: argparse.Namespace, image_path: str) -> dict[str, Any]:
-    """Run :data:`COLD_START` in a fresh interpreter and return its measurements."""
+    """Run :data:`COLD_START` in a fresh interpreter (in the image's folder) and return its measurements."""
     import json
     import os
     import subprocess
@@ -155,11 +222,9 @@ def cold_start(args: argparse.Namespace, image_path: str) -> dict[str, Any]:
 
     from .errors import KimchiEdgeError
 
-    src_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src_root, os.environ.get("PYTHONPATH", "")) if p)}
-    cmd = [sys.executable, "-c", COLD_START, str(args.bundle), args.backend, args.artifact or "", args.precision or "",
-           str(args.threads or ""), image_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-c", COLD_START, str(Path(args.bundle).resolve()), args.backend, args.artifact or "",
+           args.precision or "", str(args.threads or ""), os.path.abspath(image_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(image_path)), timeout=600)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise KimchiEdgeError(f"the cold-start process failed: {last}")
@@ -169,6 +234,8 @@ def cold_start(args: argparse.Namespace, image_path: str) -> dict[str, Any]:
 def bench_batch(clf: Any, images: list[bytes], batch: int, warmup: int, iterations: int) -> dict[str, Any]:
     """Time ``predict_batch`` on ``batch`` images (cycling through ``images``)."""
     import time
+
+    from .sysinfo import percentiles
 
     items = [images[i % len(images)] for i in range(batch)]
     for _ in range(warmup):
@@ -190,57 +257,119 @@ def bench_batch(clf: Any, images: list[bytes], batch: int, warmup: int, iteratio
     }
 
 
+# --------------------------------------------------------------------------- running
+
+
 def run(args: argparse.Namespace) -> int:
-    """Measure and print (and with ``--json`` save) the benchmark."""
+    """``kimchi-edge bench BUNDLE`` or ``kimchi-edge bench --compare RUN_DIR``; see the module docstring."""
+    from .cliutil import progress_log
+
+    say = progress_log(args)  # stdout; stderr with --json (stdout carries the JSON); nowhere with --quiet
+    if args.compare is not None:
+        return run_compare(args, say)
+    return run_bundle(args, say)
+
+
+def _reject(args: argparse.Namespace, options: dict[str, str], where: str) -> None:
+    """A usage error naming the ``options`` (dest -> flag) that were given although they apply only ``where``."""
+    from .errors import UsageError
+
+    given = [flag for dest, flag in options.items() if getattr(args, dest, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {where}")
+
+
+def run_bundle(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """Measure one bundle: cold start, then every batch size; print a table (or the JSON)."""
     import os
     import platform
     import tempfile
 
-    from .cliutil import classifier_from_args
-    from .fsutil import atomic_write_json
+    from .cliutil import classifier_from_args, emit
+    from .errors import UsageError
+    from .predict_cli import format_table
 
+    _reject(args, COMPARE_ONLY, "with --compare RUN_DIR")
+    if args.bundle is None:
+        raise UsageError("give the BUNDLE folder to benchmark (or --compare RUN_DIR to compare it with fastai)")
+    opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in BUNDLE_DEFAULTS.items()}
     with classifier_from_args(args) as clf:
         info = clf.info
-        images, described = load_images(args.images, args.max_images, clf)
+        images, described = load_images(args.images, opt["max_images"], clf)
         providers = ",".join(info.get("providers", [])) or "-"
         threads = info.get("threads")
-        print(f"kimchi-edge bench: {args.bundle}: {info['backend']} ({providers}), artifact {info['artifact']} "
-              f"({info['precision']}){f', {threads} threads' if threads else ''}")
-        print(f"images: {described}")
+        say(f"kimchi-edge bench: {args.bundle}: {info['backend']} ({providers}), artifact {info['artifact']} "
+            f"({info['precision']}){f', {threads} threads' if threads else ''}")
+        say(f"images: {described}")
         for note in info["notes"]:
-            print(f"note: {note}")
+            say(f"note: {note}")
         cold = None
-        if args.cold_start:
+        if args.cold_start is not False:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "image")
                 with open(path, "wb") as f:
                     f.write(images[0])
                 cold = cold_start(args, path)
-            print(f"cold start (fresh process): import {cold['import_ms']:.0f} ms, load {cold['load_ms']:.0f} ms, "
-                  f"first predict {cold['first_predict_ms']:.0f} ms, total {cold['total_ms']:.0f} ms; "
-                  f"peak RSS {cold['peak_rss_mb'] or float('nan'):.0f} MB")
-        results = [bench_batch(clf, images, b, args.warmup, args.iterations) for b in args.batch_sizes]
+            say(f"cold start (fresh process): import {cold['import_ms']:.0f} ms, load {cold['load_ms']:.0f} ms, "
+                f"first predict {cold['first_predict_ms']:.0f} ms, total {cold['total_ms']:.0f} ms; "
+                f"peak RSS {cold['peak_rss_mb'] or float('nan'):.0f} MB")
+        results = [bench_batch(clf, images, b, opt["warmup"], opt["iterations"]) for b in opt["batch_sizes"]]
 
-    from .predict_cli import format_table
-
+    doc = {
+        "bundle": str(args.bundle),
+        "backend": {k: v for k, v in info.items() if k not in ("labels", "bundle")},
+        "images": described,
+        "warmup": opt["warmup"],
+        "iterations": opt["iterations"],
+        "cold_start": cold,
+        "results": results,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine()},
+    }
     rows = [[str(r["batch_size"]), *(f"{r['latency_ms'][p]:.2f}" for p in ("p50", "p90", "p99")), f"{r['ms_per_image']:.2f}",
              f"{r['images_per_s']:.1f}", *(f"{r['stage_ms_per_image'][k]:.2f}" for k in ("decode", "preprocess", "infer"))]
             for r in results]
     header = ["batch", "p50 ms", "p90 ms", "p99 ms", "ms/img", "img/s", "decode", "preprocess", "infer"]
-    print()
-    print(format_table(rows, header, ">" * len(header)))
-    print(f"(latency per batch over {args.iterations} runs after {args.warmup} warm-up; decode/preprocess/infer: mean ms per image)")
-    if args.json:
-        atomic_write_json(args.json, {
-            "bundle": str(args.bundle),
-            "backend": {k: v for k, v in info.items() if k not in ("labels", "bundle")},
-            "images": described,
-            "warmup": args.warmup,
-            "iterations": args.iterations,
-            "cold_start": cold,
-            "results": results,
-            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                        "processor": platform.processor() or platform.machine()},
-        })
-        print(f"wrote {args.json}")
+    emit(args, doc, "\n" + format_table(rows, header, ">" * len(header)) + f"\n(latency per batch over {opt['iterations']} runs after "
+         f"{opt['warmup']} warm-up; decode/preprocess/infer: mean ms per image)")
     return 0
+
+
+def compare_options(args: argparse.Namespace) -> Any:
+    """The :class:`~kimchi_edge.bench.compare.CompareOptions` of ``--compare`` and the options given with it."""
+    import dataclasses
+    from pathlib import Path
+
+    from kimchi_edge.bench.compare import CompareOptions
+
+    from .errors import UsageError
+
+    _reject(args, BUNDLE_ONLY, "to kimchi-edge bench BUNDLE, not with --compare")
+    if args.backend != "auto":
+        raise UsageError("--backend does not apply with --compare (every path names its own)")
+    if args.images is None:
+        raise UsageError("--compare needs --images DIR: real photos (e.g. food10/valid), the same for every path")
+    given = {}
+    for f in dataclasses.fields(CompareOptions):
+        value = getattr(args, f.name, None)
+        if f.name in ("run_dir", "images", "bundle") or value is None:
+            continue
+        given[f.name] = tuple(value) if isinstance(value, list) else value
+    return CompareOptions(run_dir=Path(args.compare), images=Path(args.images),
+                          bundle=Path(args.bundle) if args.bundle else None, **given)
+
+
+def run_compare(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """fastai vs the exported model (:func:`kimchi_edge.bench.compare.compare`); 1 when any path failed."""
+    from kimchi_edge.bench.compare import compare
+
+    from .cliutil import emit
+
+    done = compare(compare_options(args), log=say)
+    emit(args, done.results)  # the files and the progress lines are the human-readable result
+    for name, why in done.failed.items():
+        print(f"kimchi-edge bench: {name} failed: {why}", file=sys.stderr)
+    if done.failed:
+        print(f"kimchi-edge bench: {len(done.failed)} path(s) failed; details in {done.written[-1]}", file=sys.stderr)
+    return 1 if done.failed else 0
+

@@ -36,3 +36,52 @@ def classifier_from_args(args: argparse.Namespace, **kwargs):
 
     return Classifier.from_bundle(args.bundle, backend=args.backend, artifact=args.artifact, precision=args.precision,
                                   threads=args.threads, **kwargs)
+
+
+# --------------------------------------------------------------------------- output: the same on every command
+
+
+def add_output_args(parser: argparse.ArgumentParser, *, json_help: str = "the result") -> None:
+    """``--quiet`` and ``--json``, worded and behaving the same on every subcommand.
+
+    ``--quiet``: nothing on stdout or stderr but errors (the exit status carries the verdict).
+    ``--json``: one UTF-8 JSON object on stdout (``json_help``); progress and notes go to stderr.
+    """
+    g = parser.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors; the exit status tells the verdict")
+    g.add_argument("--json", action="store_true",
+                   help=f"print {json_help} as one UTF-8 JSON object on stdout; progress goes to stderr")
+
+
+def progress_log(args: argparse.Namespace):
+    """Where a command's progress and info lines go: nowhere with ``--quiet``, stderr with ``--json``, else stdout."""
+    import sys
+
+    if getattr(args, "quiet", False):
+        return lambda msg: None
+    if getattr(args, "json", False):
+        return lambda msg: print(msg, file=sys.stderr, flush=True)
+    return lambda msg: print(msg, flush=True)
+
+
+def write_stdout(text: str) -> None:
+    """Write UTF-8 text to stdout whatever the locale says (Korean labels must survive ``> file``)."""
+    import sys
+
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is None:  # e.g. replaced by a StringIO in tests
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buf.write(text.encode("utf-8"))
+    buf.flush()
+
+
+def emit(args: argparse.Namespace, doc: dict, text: str = "") -> None:
+    """A command's result: ``doc`` as JSON with ``--json``, ``text`` otherwise, nothing with ``--quiet``."""
+    import json
+
+    if getattr(args, "json", False):
+        write_stdout(json.dumps(doc, ensure_ascii=False, indent=2, default=str) + "\n")
+    elif text and not getattr(args, "quiet", False):
+        write_stdout(text.rstrip("\n") + "\n")

@@ -1,22 +1,30 @@
 """The bundle contract: one set of frozen dataclasses every stage reads and writes.
 
-``train/`` writes a :class:`ModelMeta` (``model_meta.json``) into its run folder; ``convert/`` wraps it
-into a :class:`BundleManifest` (``manifest.json``) with one :class:`Artifact` entry per file; the
-runtime, the server, the demo and the gate read only that.  Everything is JSON, UTF-8, with labels in
-the learner's vocab order and their exact Unicode text.
+``train/`` writes a :class:`ModelMeta` (``model_meta.json``) and a :class:`Split` (``split.json``) into its
+run folder; ``convert/`` wraps the meta into a :class:`BundleManifest` (``manifest.json``) with one
+:class:`Artifact` entry per file, the learner's own predictions as a :class:`ReferenceFile`
+(``reference.json``) and the gate's verdicts as a :class:`GateSummary` (``manifest.gate``) with one
+:class:`GateVerdict` per artifact; the runtime, the server, the demo and the gate read only these.
+Everything is JSON, UTF-8, with labels in the learner's vocab order and their exact Unicode text.
+Readers ignore fields they do not know (newer writers may add some) and refuse missing required ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Union
 
 from .errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 MODEL_META_NAME = "model_meta.json"
+SPLIT_NAME = "split.json"
+REFERENCE_NAME = "reference.json"
+GATE_JSON = "gate.json"
+GATE_MD = "gate.md"
 FORMAT_VERSION = 1
 
 
@@ -121,7 +129,7 @@ class BundleManifest:
     recommended: Mapping[str, str] = field(default_factory=dict)  # backend -> artifact name
     created: str = ""
     source: Mapping[str, Any] = field(default_factory=dict)
-    gate: Mapping[str, Any] = field(default_factory=dict)
+    gate: Optional["GateSummary"] = None  # None until the accuracy gate has run
     format_version: int = FORMAT_VERSION
 
     @property
@@ -143,6 +151,123 @@ class BundleManifest:
         return dataclasses.replace(self, **changes)
 
 
+# --------------------------------------------------------------------------- typed exchange files
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split: ``file`` relative to the data root (POSIX), and its label."""
+
+    file: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """``split.json`` of a run folder: the exact files of each split, written by ``kimchi-edge train``.
+
+    ``valid`` chose the best epoch and is what the accuracy gate scores; ``test`` (optional) was never
+    used to choose anything, so its accuracy is the number to quote.
+    """
+
+    data_root: str
+    train: tuple[Item, ...]
+    valid: tuple[Item, ...]
+    test: tuple[Item, ...] = ()
+    vocab: tuple[str, ...] = ()
+    layout: str = ""  # "random" | "given"
+    seed: Optional[int] = None
+    valid_pct: Optional[float] = None
+    test_pct: Optional[float] = None
+    excluded: tuple[Mapping[str, Any], ...] = ()  # files left out by screening: {file, reason}
+
+
+@dataclass(frozen=True)
+class ReferenceItem:
+    """The fastai learner's own prediction on one validation file."""
+
+    file: str
+    label: str
+    prediction: str
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ReferenceFile:
+    """``reference.json`` of a bundle: what the gate compares every artifact with."""
+
+    data_root: str
+    labels: tuple[str, ...]
+    items: tuple[ReferenceItem, ...]
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+
+GATE_STATUSES = ("pass", "fail", "skipped")
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gate's verdict on one artifact (``manifest.gate.artifacts[name]``)."""
+
+    status: str  # "pass" | "fail" | "skipped"
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def in_words(self) -> str:
+        """``"passed"``, ``"failed: loses 18.4 points > 1"``, ``"not scored: torch is not installed here"``."""
+        word = {"pass": "passed", "fail": "failed", "skipped": "not scored"}.get(self.status, self.status)
+        return f"{word}: {self.reason}" if self.reason else word
+
+
+@dataclass(frozen=True)
+class ArtifactGate:
+    """The gate's figures for one artifact, kept in ``Artifact.details["gate"]``."""
+
+    status: str
+    top1: float
+    delta_points: float
+    agreement: float
+    images_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateSummary:
+    """``manifest.gate``: the last accuracy-gate run, in short (``gate.json``/``gate.md`` have everything)."""
+
+    passed: bool
+    created: str = ""
+    report: str = GATE_MD
+    images: int = 0
+    reference_top1: Optional[float] = None
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Mapping[str, GateVerdict] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def verdict(self, artifact: str) -> Optional[GateVerdict]:
+        return self.artifacts.get(artifact)
+
+    def in_words(self) -> list[str]:
+        """Plain sentences for people (the demo's sidebar, ``kimchi-edge info``): headline, then one per artifact."""
+        head = "Accuracy gate " + ("passed" if self.passed else "FAILED")
+        facts = []
+        if self.images:
+            facts.append(f"{self.images} validation images")
+        if self.reference_top1 is not None:
+            facts.append(f"the fastai learner got {self.reference_top1 * 100:.1f} % of them right")
+        lines = [head + (" on " + ", ".join(facts) if facts else "") + "."]
+        lines += [f"{name}: {v.in_words()}" for name, v in self.artifacts.items()]
+        return lines
+
+
+def artifact_gate(art: Artifact) -> Optional[ArtifactGate]:
+    """The gate's figures recorded on an artifact, or None when it was never scored."""
+    raw = art.details.get("gate") if isinstance(art.details, Mapping) else None
+    return _build(ArtifactGate, raw, f"artifacts[{art.name}].details.gate") if isinstance(raw, Mapping) else None
+
+
 # --------------------------------------------------------------------------- (de)serialisation
 
 
@@ -157,25 +282,47 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """JSON value -> the annotated type: nested dataclasses, tuples (of any length), mappings, optionals."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        if isinstance(value, Mapping) and not value and dataclasses.is_dataclass(inner[0]):
+            return None  # bundles of 0.1 wrote "gate": {} before the gate ran
+        return _convert(inner[0], value, where) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise BundleError(f"{where}: expected a list, got {type(value).__name__}")
+        elem = args[0] if args else Any
+        return tuple(_convert(args[i] if (args and args[-1] is not Ellipsis) and i < len(args) else elem, v, f"{where}[{i}]")
+                     for i, v in enumerate(value))
+    if origin in (Mapping, dict) or origin is typing.get_origin(Mapping[str, Any]):
+        if not isinstance(value, Mapping):
+            raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
+    """A dataclass from a JSON object, every field converted by its annotation (unknown keys ignored)."""
     if not isinstance(data, Mapping):
         raise BundleError(f"{where}: expected a JSON object, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
             continue  # forward compatible: newer writers may add fields
-        if cls is Preprocessing and key in ("mean", "std"):
-            value = tuple(float(v) for v in value)
-        elif cls is ModelMeta and key == "labels":
-            value = tuple(str(v) for v in value)
-        elif cls is ModelMeta and key == "preprocessing":
-            value = _build(Preprocessing, value, f"{where}.preprocessing")
-        elif cls is BundleManifest and key == "model":
-            value = _build(ModelMeta, value, f"{where}.model")
-        elif cls is BundleManifest and key == "artifacts":
-            value = tuple(_build(Artifact, a, f"{where}.artifacts[{i}]") for i, a in enumerate(value))
-        kwargs[key] = value
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
     missing = [n for n, f in known.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
     if missing:
@@ -233,6 +380,30 @@ def read_model_meta(path: str | Path) -> ModelMeta:
     from .fsutil import read_json
 
     return model_meta_from_dict(read_json(path))
+
+
+def read_typed(cls: type, path: str | Path) -> Any:
+    """Read one typed exchange file (``split.json`` -> :class:`Split`, ``reference.json`` -> :class:`ReferenceFile`).
+
+    Raises:
+        BundleError: not UTF-8 JSON, or not the expected shape (the message names the field).
+    """
+    from .fsutil import read_json
+
+    path = Path(path)
+    try:
+        data = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
+    return _build(cls, data, path.name)
+
+
+def write_typed(path: str | Path, obj: Any) -> Path:
+    """Write one typed exchange file atomically (UTF-8, labels unescaped)."""
+    from .fsutil import atomic_write_json
+
+    atomic_write_json(Path(path), to_dict(obj))
+    return Path(path)
 
 
 def verify_artifact(bundle_dir: str | Path, art: Artifact) -> None:

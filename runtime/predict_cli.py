@@ -13,25 +13,23 @@ status is then 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
-#: File name endings treated as images when a folder is given.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+from .sysinfo import IMAGE_SUFFIXES  # file name endings treated as images when a folder is given
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Declare the ``predict`` options."""
-    from .cliutil import add_model_args
+    from .cliutil import add_model_args, add_output_args
 
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files, or folders of images")
     parser.add_argument("--top-k", type=int, default=3, metavar="K", help="labels per image (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print UTF-8 JSON instead of a table")
     add_model_args(parser)
+    add_output_args(parser, json_help="every image's top labels, timings and the backend in use")
 
 
 def display_width(text: str) -> int:
@@ -70,20 +68,9 @@ def expand_images(items: Sequence[str]) -> list[str]:
     return out
 
 
-def write_stdout(text: str) -> None:
-    """Write UTF-8 text to stdout whatever the locale says (Korean labels must survive ``> file``)."""
-    buf = getattr(sys.stdout, "buffer", None)
-    if buf is None:  # e.g. replaced by a StringIO in tests
-        sys.stdout.write(text)
-        return
-    sys.stdout.flush()
-    buf.write(text.encode("utf-8"))
-    buf.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     """Classify each image; print a table or JSON; return 1 when any image could not be classified."""
-    from .cliutil import classifier_from_args
+    from .cliutil import classifier_from_args, emit
     from .errors import InvalidInputError, UsageError
 
     if args.top_k < 1:
@@ -102,21 +89,18 @@ def run(args: argparse.Namespace) -> int:
                 continue
             results.append({"image": image, **pred.to_dict()})
     ok = [r for r in results if "error" not in r]
-    if args.json:
-        doc = {
-            "bundle": str(args.bundle),
-            "backend": {k: info[k] for k in ("backend", "providers", "artifact", "precision") if k in info},
-            "notes": info["notes"],
-            "results": results,
-        }
-        write_stdout(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-    else:
-        rows = []
-        for r in ok:
-            for rank, t in enumerate(r["top"], 1):
-                rows.append([r["image"] if rank == 1 else "", str(rank), t["label"], f"{t['probability'] * 100:.2f}%"])
-        if rows:
-            write_stdout(format_table(rows, ["image", "#", "label", "probability"], "<><>") + "\n")
+    doc = {
+        "bundle": str(args.bundle),
+        "backend": {k: info[k] for k in ("backend", "providers", "artifact", "precision") if k in info},
+        "notes": info["notes"],
+        "results": results,
+    }
+    rows = []
+    for r in ok:
+        for rank, t in enumerate(r["top"], 1):
+            rows.append([r["image"] if rank == 1 else "", str(rank), t["label"], f"{t['probability'] * 100:.2f}%"])
+    emit(args, doc, format_table(rows, ["image", "#", "label", "probability"], "<><>") if rows else "")
+    if not args.json and not args.quiet:
         ms = sum(r["timings_ms"]["total"] for r in ok) / max(1, len(ok))
         providers = ",".join(info.get("providers", [])) or "-"
         print(f"{info['backend']} ({providers}), artifact {info['artifact']} ({info['precision']}): "

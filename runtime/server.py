@@ -385,6 +385,8 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
 
     @app.get("/metadata", summary="Labels, input size, backend, limits and the accuracy gate's summary")
     async def metadata():
+        from .manifest import to_dict
+
         m = classifier.manifest
         batcher: MicroBatcher | None = state["batcher"]
         sizes = list(batcher.batch_sizes) if batcher else []
@@ -394,7 +396,7 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
             "architecture": info["architecture"],
             "backend": {k: v for k, v in info.items() if k not in ("labels", "input_size", "architecture", "notes", "bundle")},
             "notes": info["notes"],
-            "gate": dict(m.gate),
+            "gate": to_dict(m.gate) if m.gate else {},
             "limits": {k: v for k, v in asdict(cfg).items()},
             "batching": {"enabled": cfg.batching, "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else None},
             "kimchi_edge": __version__,

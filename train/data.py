@@ -19,10 +19,10 @@ from typing import Any
 
 from kimchi_edge.runtime.errors import DataError, InvalidInputError
 from kimchi_edge.runtime.preprocess import decode_image
+from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES
 
 from .image_type import PILImageUpright  # fastai's image type (None without fastai), see that module
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "valid")
 
 
@@ -46,7 +46,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def _check_readable(path: Path) -> str | None:
@@ -80,7 +80,7 @@ def scan_dataset(root: str | Path, *, screen: bool = True, workers: int = 4) -> 
         for d in dirs:
             files = _images_in(d)
             if not files:
-                raise DataError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise DataError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             items += [(f, d.name) for f in files]
         return items
 

@@ -67,7 +67,14 @@ def create_backend(
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     notes: list[str] = []
     forced_onnx = artifact is not None and manifest.artifact(artifact).format != "tensorrt"  # unknown name: BundleError
-    if name == "tensorrt" or (name == "auto" and not forced_onnx):
+    has_engine = any(a.format == "tensorrt" for a in manifest.artifacts)
+    if name == "auto" and not forced_onnx and not has_engine:
+        # Nothing to try.  Say so only where TensorRT could matter: a CUDA GPU is here but the bundle has no engine.
+        if _cuda_gpu_present():
+            notes.append("TensorRT not used: the bundle has no TensorRT engine for this GPU "
+                         f"(build one with: kimchi-edge build-engine {bundle_dir}); using ONNX Runtime")
+            log.info("%s", notes[-1])
+    elif name == "tensorrt" or (name == "auto" and not forced_onnx):
         from .tensorrt_backend import TensorRTUnavailable, create_tensorrt_backend
 
         try:
@@ -93,6 +100,17 @@ def create_backend(
     if verify:
         verify_artifact(bundle_dir, art)
     return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=providers), notes
+
+
+def _cuda_gpu_present() -> bool:
+    """A CUDA device answers here (driver loads, ``cuInit`` works, at least one device)."""
+    import os
+
+    from ..sysinfo import cuda_device_facts
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return cuda_device_facts().get("gpu") is not None
 
 
 def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None) -> Artifact:

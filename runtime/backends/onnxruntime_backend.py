@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 from typing import Any
@@ -12,22 +11,13 @@ import onnxruntime as ort
 
 from ..errors import BundleError, InvalidInputError
 from ..manifest import Artifact, BundleManifest
-
-
-def _can_load(*libs: str) -> bool:
-    for lib in libs:
-        try:
-            ctypes.CDLL(lib)
-            return True
-        except OSError:
-            continue
-    return False
+from ..sysinfo import can_load_library, load_libcuda
 
 
 def _has_cuda_device() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    if not _can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+    if load_libcuda() is None:
         return False
     return True
 
@@ -41,7 +31,7 @@ def usable_providers() -> list[str]:
     available = ort.get_available_providers()
     wanted: list[str] = []
     cuda = _has_cuda_device()
-    if cuda and "TensorrtExecutionProvider" in available and _can_load("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+    if cuda and "TensorrtExecutionProvider" in available and can_load_library("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
         wanted.append("TensorrtExecutionProvider")
     if cuda and "CUDAExecutionProvider" in available:
         wanted.append("CUDAExecutionProvider")

@@ -16,7 +16,6 @@ Polygraphy's small CUDA wrapper (``polygraphy.cuda``) for device buffers and a s
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..errors import BackendError, BundleError, KimchiEdgeError
 from ..manifest import Artifact, BundleManifest, verify_artifact
+from ..sysinfo import cuda_device_facts
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +41,6 @@ class TensorRTUnavailable(KimchiEdgeError):
 
 
 # --------------------------------------------------------------------------- facts about this machine
-
-
-def _cuda_device_facts(device: int = 0) -> dict[str, Any]:
-    """GPU name, compute capability and driver version through the CUDA driver API (ctypes, no extra package)."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            cu = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return {"gpu": None, "compute_capability": None, "cuda_driver": None}
-    count, dev, major, minor, version = (ctypes.c_int() for _ in range(5))
-    if cu.cuInit(0) != 0 or cu.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= device:
-        return {"gpu": None, "compute_capability": None, "cuda_driver": None}
-    cu.cuDeviceGet(ctypes.byref(dev), device)
-    cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
-    buf = ctypes.create_string_buffer(256)
-    cu.cuDeviceGetName(buf, 256, dev)
-    cu.cuDriverGetVersion(ctypes.byref(version))
-    v = version.value
-    return {
-        "gpu": buf.value.decode(errors="replace"),
-        "compute_capability": f"{major.value}.{minor.value}",
-        "cuda_driver": f"{v // 1000}.{(v % 1000) // 10}",
-    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,7 +58,7 @@ def installed_facts() -> dict[str, Any]:
         version: str | None = trt.__version__
     except ImportError:
         version = None
-    return {"tensorrt": version, **_cuda_device_facts()}
+    return {"tensorrt": version, **cuda_device_facts()}
 
 
 # --------------------------------------------------------------------------- compatibility (pure)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kimchi_edge.convert.gate import ArtifactResult, Thresholds, _decide, _recommend, compare, embedded_mismatch, paired_difference_interval, wilson_interval
+from kimchi_edge.convert.gate_policy import ArtifactResult, Thresholds, decide, embedded_mismatch, recommend
+from kimchi_edge.convert.gate_stats import compare, paired_difference_interval, wilson_interval
 from kimchi_edge.runtime.manifest import Artifact, BundleManifest, ModelMeta, Preprocessing, to_dict
 
 LABELS = ("가", "나", "다")
@@ -56,7 +57,7 @@ def _result(name: str, precision: str, agreement: float, delta: float) -> Artifa
 ])
 def test_thresholds(precision, agreement, delta, status):
     r = _result("x", precision, agreement, delta)
-    _decide(r, Thresholds())
+    decide(r, Thresholds())
     assert r.status == status, r.reason
 
 
@@ -69,11 +70,11 @@ def _manifest(*names: str) -> BundleManifest:
 
 def test_int8_failure_falls_back_with_a_stated_reason():
     m = _manifest("onnx-fp32", "onnx-int8", "trt-fp16", "trt-int8")
-    rec, notes = _recommend(m, {"onnx-fp32": "pass", "onnx-int8": "fail", "trt-fp16": "pass", "trt-int8": "fail"})
+    rec, notes = recommend(m, {"onnx-fp32": "pass", "onnx-int8": "fail", "trt-fp16": "pass", "trt-int8": "fail"})
     assert rec == {"onnxruntime": "onnx-fp32", "tensorrt": "trt-fp16"}
     assert "onnx-int8 failed the gate and is not recommended; onnxruntime uses onnx-fp32 instead" in notes
     assert "trt-int8 failed the gate and is not recommended; tensorrt uses trt-fp16 instead" in notes
-    rec, _ = _recommend(m, {"onnx-fp32": "pass", "onnx-int8": "pass"})
+    rec, _ = recommend(m, {"onnx-fp32": "pass", "onnx-int8": "pass"})
     assert rec["onnxruntime"] == "onnx-int8"
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO
 
 BLOCKED = ("torch", "torchvision", "fastai", "fastcore", "timm", "tensorrt", "onnxscript")
-LIGHT_MODULES = ("convert", "kimchi_edge.convert.gate", "kimchi_edge.convert.verify_cli", "kimchi_edge.convert.cli", "kimchi_edge.convert.tensorrt", "kimchi_edge.convert.runfolder",
+LIGHT_MODULES = ("kimchi_edge.convert", "kimchi_edge.convert.gate", "kimchi_edge.convert.verify_cli", "kimchi_edge.convert.cli", "kimchi_edge.convert.tensorrt", "kimchi_edge.convert.runfolder",
                  "kimchi_edge.convert.progress", "kimchi_edge.convert.errors", "kimchi_edge.convert.torchscript")
 
 BLOCKER = textwrap.dedent(
@@ -83,12 +83,16 @@ def test_verify_runs_on_a_runtime_only_install(bundle_copy):
         """
         import sys
         from kimchi_edge.cli import main
-        sys.exit(main(["verify", sys.argv[1], "--quiet"]))
+        sys.exit(main(["verify", sys.argv[1], "--json"]))
         """,
         str(bundle_copy),
     )
     assert proc.returncode == 0, proc.stderr
-    assert "gate: torchscript not scored here: torch" in proc.stdout
+    doc = json.loads(proc.stdout)  # --json: one object on stdout, nothing else there
+    assert doc["gate"]["passed"] is True
+    assert doc["gate"]["artifacts"]["torchscript"]["status"] == "skipped"
+    assert "torch" in doc["gate"]["artifacts"]["torchscript"]["reason"]
+    assert "torchscript not scored here: torch" in proc.stderr  # the table and notes go to stderr
     report = json.loads((bundle_copy / "gate.json").read_text(encoding="utf-8"))
     status = {a["name"]: a["status"] for a in report["artifacts"]}
     assert status["onnx-fp32"] == status["onnx-int8"] == "pass" and status["torchscript"] == "skipped"

@@ -1,11 +1,14 @@
 """The Streamlit page, headless, through ``streamlit.testing.v1.AppTest`` (same process, no browser).
 
-``AppTest`` drives ``st.camera_input`` and ``st.file_uploader`` directly; the Live tab's WebRTC
-component needs a real browser and server, so it is covered in ``test_browser.py``.
+``AppTest`` drives ``st.file_uploader`` directly, and ``st.camera_input`` from Streamlit 1.66 (under Python 3.10,
+whose last Streamlit is 1.65, the photo itself is taken in ``test_browser.py``); the Live tab's WebRTC component
+needs a real browser and server, so it is covered there too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,11 +18,18 @@ import pytest
 pytest.importorskip("streamlit", reason="the demo needs streamlit (pip install 'kimchi-edge[demo]')")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from kimchi_edge.mobile_demo import page  # noqa: E402
 from kimchi_edge.mobile_demo.core import ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS  # noqa: E402
 
 from . import images  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "mobile_demo" / "app.py"
+APPTEST_CAMERA = hasattr(AppTest, "camera_input")  # Streamlit >= 1.66 (Python >= 3.11)
+needs_apptest_camera = pytest.mark.skipif(
+    not APPTEST_CAMERA,
+    reason=f"AppTest can take a camera photo from Streamlit 1.66 (installed: {page.FEATURES.version}); "
+           "test_browser.py takes one with Chromium's fake camera",
+)
 
 
 @pytest.fixture
@@ -46,10 +56,23 @@ def texts(at: AppTest) -> str:
     return "\n".join(map(str, parts))
 
 
+def modes(at: AppTest) -> list[str]:
+    """The page's modes: its tabs, or the selector that replaces them on Streamlit < 1.65."""
+    return [t.label for t in at.tabs] if page.FEATURES.bound_tabs else [o for r in at.radio for o in r.options]
+
+
+def test_snapshot_tab_opens_first_with_the_camera(app):
+    at = app()
+    assert modes(at) == ["Snapshot", "Upload", "Live"]
+    assert len(at.get("camera_input")) == 1  # Snapshot is the first tab: the phone path
+    assert not at.get("file_uploader")  # only the open tab runs
+    assert "Point the camera at the dish" in texts(at)
+
+
+@needs_apptest_camera
 def test_snapshot_photo_shows_prediction(app):
     at = app()
-    assert [t.label for t in at.tabs] == ["Snapshot", "Upload", "Live"]
-    assert len(at.camera_input) == 1  # Snapshot is the first tab: the phone path
+    assert len(at.camera_input) == 1
     at.camera_input[0].upload("photo.jpg", images.jpeg(images.RED))
     at.run()
     assert not at.exception
@@ -110,7 +133,7 @@ def test_no_bundle_explains_how_to_make_one(app, monkeypatch, tmp_path):
     page = texts(at)
     assert f"No model bundle at `{tmp_path / 'runs' / 'quickstart' / 'bundle'}`" in page
     assert "`make quickstart`" in page and "`kimchi-edge convert RUN_DIR`" in page
-    assert not at.tabs and not at.camera_input and not at.file_uploader
+    assert not modes(at) and not at.get("camera_input") and not at.file_uploader
 
 
 def test_named_bundle_missing(app, tmp_path):
@@ -138,18 +161,24 @@ def test_sidebar_shows_bundle_facts(app):
     assert "**Labels (3)**" in side and "- 빨강 red\n- 초록 green\n- 파랑 blue" in side
     assert "**Input size** 32×32" in side
     assert "**Backend** onnxruntime (CPUExecutionProvider) · onnx-fp32 (fp32)" in side
-    assert "**Accuracy gate** no accuracy gate report" in side
+    assert "no accuracy gate report in this bundle (run `kimchi-edge verify BUNDLE`)" in side
+    assert "Accuracy gate" in [h.value for h in at.sidebar.header]
 
 
 def chart_rows(at: AppTest) -> list[dict]:
-    """The data behind every bar chart on the page (Arrow IPC inside the Vega-Lite proto)."""
+    """The data behind every chart on the page (Arrow IPC inside the Vega-Lite proto)."""
     import pyarrow as pa  # Streamlit's own dependency
 
     out = []
     for chart in at.get("vega_lite_chart"):
-        for ds in chart.proto.datasets:
-            out.append(pa.ipc.open_stream(ds.data.data).read_all().to_pydict())
+        tables = [chart.proto.data.data] if chart.proto.data.data else []
+        tables += [ds.data.data for ds in chart.proto.datasets]
+        out += [pa.ipc.open_stream(t).read_all().to_pydict() for t in tables]
     return out
+
+
+def chart_specs(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("vega_lite_chart")]
 
 
 def test_top_k_chart(app):
@@ -164,6 +193,48 @@ def test_top_k_chart(app):
     assert not at.exception
     (rows,) = chart_rows(at)
     assert rows["label"] == ["빨강 red"]
+
+
+def test_top_k_axis_is_fixed_from_0_to_100_percent(app):
+    """A 64 % winner must not fill the chart: the probability axis always ends at 1, not at the top bar."""
+    at = app(mode="Upload")
+    at.file_uploader[0].upload("reddish.jpg", images.jpeg((150, 110, 90)), "image/jpeg")  # a muddy colour: no sure winner
+    at.run()
+    (rows,) = chart_rows(at)
+    assert 0.4 < rows["probability"][0] < 0.9, rows  # the case the fixed axis is for
+    (spec,) = chart_specs(at)
+    x = spec["encoding"]["x"]
+    assert x["field"] == "probability" and x["scale"]["domain"] == [0, 1]
+    assert spec["encoding"]["y"]["sort"] is None  # rows are best first, and stay in that order
+
+
+def test_older_streamlit_without_bound_tabs_gets_a_mode_selector(app, monkeypatch):
+    """Streamlit 1.60-1.64 (no ``st.tabs(bind=...)``): the same modes, one at a time, in the same ``?mode=``."""
+    monkeypatch.setattr(page, "FEATURES", dataclasses.replace(page.FEATURES, version="1.60.0", bound_tabs=False))
+    at = app(mode="Upload")
+    assert not at.tabs
+    (selector,) = at.radio
+    assert list(selector.options) == ["Snapshot", "Upload", "Live"] and selector.value == "Upload"
+    assert not at.get("camera_input")  # only the chosen mode runs
+    assert "Streamlit 1.60.0: the modes are a selector here" in "\n".join(c.value for c in at.sidebar.caption)
+    at.file_uploader[0].upload("b.png", images.png_rgba((0, 0, 255, 255)), "image/png")
+    at.run()
+    assert "**Prediction:** 파랑 blue" in texts(at)
+    at.radio[0].set_value("Snapshot").run()
+    assert not at.exception and at.query_params["mode"] == "Snapshot"  # kept in the address, like the tabs
+    assert len(at.get("camera_input")) == 1 and not at.file_uploader
+
+
+def test_classifier_is_warmed_up_once_when_loaded(app, color_bundle, tmp_path, monkeypatch):
+    fresh = tmp_path / "fresh"  # a new path: not in the server-wide classifier cache yet
+    shutil.copytree(color_bundle, fresh)
+    calls = []
+    monkeypatch.setattr(page, "warm_up", lambda clf: calls.append(clf.info["bundle"]))
+    at = app(bundle=fresh, mode="Upload")
+    at.file_uploader[0].upload("r.jpg", images.jpeg(images.RED), "image/jpeg")
+    at.run()
+    assert "**Prediction:** 빨강 red" in texts(at)
+    assert len(calls) == 1 and Path(calls[0]).resolve() == fresh.resolve()  # at load, not again per photo
 
 
 def test_live_tab_without_streamlit_webrtc_names_the_fix(app, monkeypatch):
@@ -194,19 +265,13 @@ def test_plain_http_from_another_device_warns_about_the_camera(app, monkeypatch,
 
 
 def test_gate_summary_and_artifact_in_use(app, color_bundle, tmp_path):
-    import dataclasses
+    from .bundles import gated_copy
 
-    from kimchi_edge.runtime.manifest import read_manifest, write_manifest
-
-    gated = tmp_path / "gated"
-    shutil.copytree(color_bundle, gated)
-    m = read_manifest(gated)
-    verdict = {"status": "pass", "top1": 0.912, "delta_points": -0.25, "agreement": 0.987}
-    art = dataclasses.replace(m.artifacts[0], details={"gate": verdict})
-    write_manifest(gated, m.replace(artifacts=(art,), gate={"passed": True, "images": 120, "artifacts": {"onnx-fp32": {"status": "pass"}}}))
-    at = app(bundle=gated)
+    at = app(bundle=gated_copy(color_bundle, tmp_path / "gated"))
     side = "\n".join(m.value for m in at.sidebar.markdown)
-    assert "**Accuracy gate** gate passed" in side
-    assert "in use: onnx-fp32: pass · top-1 91.2% · Δ -0.25 points · agreement 98.7%" in side
-    assert "artifacts: `onnx-fp32 pass`" in side and "images: `120`" in side
+    assert "Accuracy gate passed on 120 validation images.\n- onnx-fp32: passed" in side, side
+    assert ("**In use** onnx-fp32 passed: 91.2% right, 0.25 points below the fastai learner, same answer on 98.7% of images"
+            in side), side
+    gate_part = side.split("Accuracy gate passed")[1]
+    assert "reference_top1" not in side and "`" not in gate_part  # words, not raw keys or code
     assert "gate passed" in at.caption[0].value

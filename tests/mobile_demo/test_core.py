@@ -21,6 +21,7 @@ from kimchi_edge.mobile_demo.core import (
     format_timings,
     gate_summary,
     parse_ice_servers,
+    warm_up,
 )
 from kimchi_edge.runtime import Classifier
 from kimchi_edge.runtime.errors import InvalidInputError, UsageError
@@ -149,30 +150,53 @@ def test_timings_and_facts(clf):
     assert facts["gate_short"] == "no gate report"
 
 
-def test_gate_summary_reads_whatever_convert_writes():
-    assert gate_summary({})[0].startswith("no accuracy gate report")
-    head, rows = gate_summary({"passed": True, "top1_delta": -0.0012, "agreement": 0.995, "artifact": "onnx-int8",
-                               "per_class": {"a": 1}})
-    assert head == "gate passed"
-    assert ("top1_delta", "-0.0012") in rows and ("artifact", "onnx-int8") in rows
-    assert all(k != "per_class" for k, _ in rows)  # nested detail stays in gate.md
-    assert gate_summary({"status": "FAIL"})[0] == "gate FAILED"
+def test_gate_summary_in_words_from_the_typed_manifest_entry():
+    from kimchi_edge.runtime.manifest import GateSummary, _build
 
-
-def test_gate_summary_in_converts_shape():
-    summary = {  # what convert/gate.py writes into manifest.gate
+    assert gate_summary(None)[0].startswith("no accuracy gate report")
+    summary = _build(GateSummary, {  # what convert's gate writes into manifest.gate
         "passed": False, "created": "2026-01-01T00:00:00Z", "report": "gate.md", "images": 200,
-        "reference_top1": 0.915, "thresholds": {"max_top1_drop_points": 1.0},
-        "artifacts": {"onnx-fp32": {"status": "pass"}, "onnx-int8": {"status": "fail", "reason": "top-1 -5.3 points"}},
+        "reference_top1": 0.915, "thresholds": {"max_loss_points": 0.5},
+        "artifacts": {"onnx-fp32": {"status": "pass"}, "onnx-int8": {"status": "fail", "reason": "loses 5.30 points > 1"},
+                      "torchscript": {"status": "skipped", "reason": "torch is not installed here"}},
         "notes": ["INT8 failed the gate; recommending FP32"],
-    }
-    head, rows = gate_summary(summary)
+    }, "gate")
+    head, lines = gate_summary(summary)
     assert head == "gate FAILED"
-    rows = dict(rows)
-    assert rows["artifacts"] == "onnx-fp32 pass, onnx-int8 fail (top-1 -5.3 points)"
-    assert rows["images"] == "200" and rows["reference_top1"] == "0.915"
-    assert rows["notes"] == "INT8 failed the gate; recommending FP32"
-    assert "thresholds" not in rows
+    assert lines[0] == "Accuracy gate FAILED on 200 validation images, the fastai learner got 91.5 % of them right."
+    assert lines[1:] == ["onnx-fp32: passed", "onnx-int8: failed: loses 5.30 points > 1",
+                         "torchscript: not scored: torch is not installed here"]
+    assert not any("reference_top1" in line or "thresholds" in line for line in lines)  # no raw keys
+
+
+class _Recording:
+    """A classifier that records what it is asked to predict (and answers with the real one)."""
+
+    def __init__(self, clf, fail: Exception | None = None):
+        self.clf, self.fail, self.seen = clf, fail, []
+        self.preprocessor = clf.preprocessor
+
+    def predict(self, data, top_k=3):
+        self.seen.append(data)
+        if self.fail:
+            raise self.fail
+        return self.clf.predict(data, top_k=top_k)
+
+
+def test_warm_up_sends_an_encoded_photo_through_the_whole_path(clf):
+    rec = _Recording(clf)
+    result = warm_up(rec)
+    assert result.ok, result.error
+    (data,) = rec.seen
+    assert isinstance(data, bytes) and data[:3] == b"\xff\xd8\xff"  # JPEG bytes: the decode is warmed up too
+    assert result.source_size == (640, 480) and result.preview is not None  # the preview path ran as for a photo
+    assert {"decode", "preprocess", "infer"} <= set(result.prediction.timings_ms)
+
+
+def test_warm_up_failure_is_logged_not_raised(clf, caplog):
+    result = warm_up(_Recording(clf, fail=InvalidInputError("got shape (1, 3, 200, 200); expected (N, 32, 32, 3)")))
+    assert not result.ok and "expected (N, 32, 32, 3)" in result.error
+    assert "warm-up prediction failed" in caplog.text
 
 
 # --------------------------------------------------------------------------- live

@@ -4,6 +4,7 @@ installed facts, without TensorRT or a GPU.  Real engine execution is marked ``t
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -209,10 +210,21 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
         return m
 
     class FakeBackend:
+        """Stands in for TensorRTBackend with its checks: the engine's input dtype is the bundle's, the shape its own."""
+
         def __init__(self, bundle_dir, manifest, artifact, installed=None):
             self.artifact = artifact
+            pre = manifest.preprocessing
+            self.input_dtype = np.dtype(pre.dtype)  # an engine built from the bundle's ONNX takes its input dtype
+            self.shape = (pre.height, pre.width, 3) if pre.layout == "NHWC" else (3, pre.height, pre.width)
 
         def infer(self, batch):
+            from kimchi_edge.runtime.errors import BackendError
+
+            if batch.dtype != self.input_dtype:  # the real backend's message
+                raise BackendError(f"got a batch of dtype {batch.dtype}; engine {self.artifact.file} expects {self.input_dtype}")
+            if tuple(batch.shape[1:]) != self.shape:
+                raise BackendError(f"got a batch of shape {batch.shape}; engine expects (N, {self.shape})")
             return np.zeros((len(batch), 3), np.float32)
 
         def __enter__(self):
@@ -235,6 +247,18 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
     monkeypatch.setattr(trt_backend, "installed_facts", lambda: {**ORIN, "tensorrt": "10.7.0"})
     assert main(["build-engine", str(bundle)]) == 0  # after a TensorRT upgrade: rebuilt
     assert len(calls) == 3
+
+    # What training writes by default: float32 input (fastai's batch resample makes fractional pixels).
+    # The smoke test must feed the bundle's dtype (it fed uint8 zeros and exited 1 on every such bundle).
+    import dataclasses
+
+    m = read_manifest(bundle)
+    write_manifest(bundle, m.replace(model=dataclasses.replace(
+        m.model, preprocessing=dataclasses.replace(m.preprocessing, dtype="float32", batch_resize=True))))
+    capsys.readouterr()
+    assert main(["build-engine", str(bundle), "--force", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["smoke_test"]["input"][1] == "float32" and doc["artifact"]["name"] == "trt-fp16"
 
 
 # --------------------------------------------------------------------------- real engines

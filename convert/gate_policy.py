@@ -1,0 +1,139 @@
+"""The gate's policy: what passes, what is recommended per backend (pure functions over measured figures).
+
+* FP32/FP16 artifacts must agree with the reference on >= ``min_agreement`` of the images and lose
+  <= ``max_loss_points``; otherwise the gate fails.
+* INT8 artifacts may lose <= ``int8_max_loss_points`` (and agree >= ``int8_min_agreement``); otherwise they are
+  not recommended and the full-precision artifact of the same backend is used instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kimchi_edge.runtime.manifest import BundleManifest
+
+__all__ = ["ArtifactResult", "PREFERENCE", "Thresholds", "decide", "embedded_mismatch", "recommend"]
+
+#: backend -> artifact names in order of preference (the first one that passes is recommended)
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnx-int8", "onnx-fp32"),
+    "tensorrt": ("trt-int8", "trt-fp16"),
+    "torchscript": ("torchscript",),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits, in fractions (agreement) and accuracy points (losses)."""
+
+    min_agreement: float = 0.995  # FP32/FP16: top-1 agreement with the reference
+    max_loss_points: float = 0.5  # FP32/FP16: top-1 accuracy loss vs the reference
+    int8_max_loss_points: float = 1.0  # INT8: top-1 accuracy loss vs the reference
+    int8_min_agreement: float = 0.0  # INT8: optional agreement floor (off by default)
+
+
+@dataclass
+class ArtifactResult:
+    name: str
+    format: str
+    precision: str
+    status: str  # "pass" | "fail" | "skipped"
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    infer_ms_per_image: float = 0.0
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def embedded_mismatch(metadata: Mapping[str, str], manifest: BundleManifest) -> str:
+    """Compare the labels/preprocessing embedded in an ONNX file with the manifest's ('' when they agree)."""
+    from kimchi_edge.runtime.manifest import to_dict
+
+    problems = []
+    raw = metadata.get("kimchi_edge.labels")
+    if raw is not None:
+        try:
+            if tuple(json.loads(raw)) != manifest.labels:
+                problems.append("labels")
+        except ValueError:
+            problems.append("labels (unreadable)")
+    raw = metadata.get("kimchi_edge.preprocessing")
+    if raw is not None:
+        try:
+            embedded = json.loads(raw)
+        except ValueError:
+            embedded = None
+        if not isinstance(embedded, dict):
+            problems.append("preprocessing (unreadable)")
+        else:
+            ours = to_dict(manifest.preprocessing)
+            diff = [k for k, v in ours.items() if k in embedded and not _same(embedded[k], v)]
+            if diff:
+                problems.append("preprocessing " + ", ".join(diff))
+    return f"the manifest disagrees with what the model was exported with: {'; '.join(problems)}" if problems else ""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    return a == b
+
+
+def decide(r: ArtifactResult, t: Thresholds) -> None:
+    m = r.metrics
+    loss = -m["delta"] * 100
+    if r.precision == "int8":
+        problems = []
+        if loss > t.int8_max_loss_points + 1e-9:
+            problems.append(f"loses {loss:.2f} points > {t.int8_max_loss_points:g}")
+        if m["agreement"] < t.int8_min_agreement - 1e-12:
+            problems.append(f"agreement {m['agreement'] * 100:.2f}% < {t.int8_min_agreement * 100:g}%")
+    else:
+        problems = []
+        if m["agreement"] < t.min_agreement - 1e-12:
+            problems.append(f"agreement {m['agreement'] * 100:.2f}% < {t.min_agreement * 100:g}% ({m['disagreements']} of {m['n']} images differ)")
+        if loss > t.max_loss_points + 1e-9:
+            problems.append(f"loses {loss:.2f} points > {t.max_loss_points:g}")
+    if r.runtime.get("mismatch"):
+        problems.append(r.runtime["mismatch"])
+    r.status = "fail" if problems else "pass"
+    r.reason = "; ".join(problems)
+
+
+def recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Best artifact per backend: the first in :data:`PREFERENCE` that passed (or is not scored yet).
+
+    When the full-precision artifact of a backend fails, nothing is recommended for that backend: an
+    INT8 model quantized from it cannot be trusted either.
+    """
+    by_name = {a.name: a for a in manifest.artifacts}
+    rec: dict[str, str] = {}
+    notes: list[str] = []
+    for backend, prefs in PREFERENCE.items():
+        present = [n for n in prefs if n in by_name]
+        if not present:
+            continue
+        if any(status.get(n) == "fail" and by_name[n].precision != "int8" for n in present):
+            notes.append(f"{', '.join(n for n in present if status.get(n) == 'fail')} failed the gate; no artifact is recommended for {backend}")
+            continue
+        ok = [n for n in present if status.get(n) == "pass"] or [n for n in present if status.get(n) in (None, "", "skipped")]
+        if ok:
+            rec[backend] = ok[0]
+        for n in present:
+            if status.get(n) == "fail":
+                notes.append(
+                    f"{n} failed the gate and is not recommended; {backend} uses {ok[0]} instead"
+                    if ok else f"{n} failed the gate; no artifact is recommended for {backend}"
+                )
+    for backend, name in manifest.recommended.items():  # keep recommendations for backends we do not rank
+        if backend not in PREFERENCE and name in by_name and status.get(name) != "fail":
+            rec[backend] = name
+    return rec, notes
