@@ -25,7 +25,7 @@ from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json, sha2
 from kimchi_edge.runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, write_manifest
 
 from .gate import REFERENCE_NAME, GateReport, Reference, Thresholds, reference_to_dict, run_gate
-from .runfolder import Item, read_run, resolve_images, stratified_sample
+from .runfolder import Item, RunFolder, read_run, resolve_images, stratified_sample
 
 DEFAULT_CALIB = 200
 FILES = {
@@ -168,41 +168,14 @@ def bundle_from_run(
             kept for inspection.
     """
     from .learner_io import learner_labels, load_learner
-    from .tensorrt import build_engines, default_timing_cache, tensorrt_unavailable_reason
+    from .tensorrt import build_engines, default_timing_cache
 
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
-    notes: list[str] = []
     say = (lambda msg: None) if quiet else log
+    plan = _plan(run_dir, out, data_root=data_root, int8=int8, calib=calib, calib_seed=calib_seed, engines=engines, log=log)
+    run, labels = plan.run, plan.run.meta.labels
 
-    # ---- checks that cost nothing, before anything is loaded or written
-    run = read_run(run_dir)
-    labels = run.meta.labels
-    root = Path(data_root).expanduser() if data_root else run.data_root
-    valid_files = resolve_images(run.valid, root, what="validation")
-    calib_items: list[Item] = []
-    calib_files: list[Path] = []
-    if int8:
-        if not run.train:
-            raise UsageError(f"{run.path / 'split.json'} lists no training images to calibrate INT8 with; pass --no-int8")
-        count = calib if calib is not None else min(DEFAULT_CALIB, len(run.train))
-        calib_items = stratified_sample(run.train, count, labels, seed=calib_seed)
-        calib_files = resolve_images(calib_items, root, what="training (INT8 calibration)")
-    bad = [e for e in engines if e not in ("fp16", "int8")]
-    if bad:
-        raise UsageError(f"unknown engine precision {bad[0]!r}; choose fp16 and/or int8")
-    if "int8" in engines and not int8:
-        raise UsageError("an INT8 TensorRT engine is built from the INT8 ONNX model; drop --no-int8 or the INT8 engine")
-    out = Path(out).expanduser() if out else run.path / "bundle"
-    _check_out(out)
-    if engines:
-        reason = tensorrt_unavailable_reason()
-        if reason:
-            log(f"TensorRT engines skipped: {reason}")
-            notes.append(f"TensorRT engines ({', '.join(engines)}) not built: {reason}")
-            engines = ()
-
-    # ---- the learner
     t = time.perf_counter()
     learn = load_learner(run.learner, imports=imports)
     got = learner_labels(learn)
@@ -212,73 +185,22 @@ def bundle_from_run(
     say(f"convert: loaded {run.learner} ({run.meta.architecture}, {len(labels)} classes) in {seconds['load']:.1f} s")
 
     versions = _versions()
-    common = {k: versions[k] for k in ("torch", "fastai", "kimchi_edge")}
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(plan.out, overwrite=True) as tmp:
         t = time.perf_counter()
-        say(f"convert: reference predictions of the fastai learner on {len(valid_files)} validation images")
-        ref = reference_from_learner(learn, valid_files, run.valid, labels, data_root=str(root), batch_size=max(batch_size, 32), quiet=quiet)
+        say(f"convert: reference predictions of the fastai learner on {len(plan.valid_files)} validation images")
+        ref = reference_from_learner(learn, plan.valid_files, run.valid, labels, data_root=str(plan.root),
+                                     batch_size=max(batch_size, 32), quiet=quiet)
         atomic_write_json(tmp / REFERENCE_NAME, reference_to_dict(ref))
         seconds["reference"] = time.perf_counter() - t
 
-        artifacts: list[Artifact] = []
-        if torchscript:
-            from .torchscript import torchscript_from_learner
-
+        artifacts = _write_artifacts(learn, tmp, plan, versions, seconds, torchscript=torchscript, opset=opset,
+                                     exporter=exporter, calib_method=calib_method, calib_seed=calib_seed,
+                                     batch_size=batch_size, quiet=quiet, say=say, log=log)
+        manifest = _manifest(plan, artifacts, versions, sha256_file(tmp / REFERENCE_NAME), torchscript=torchscript,
+                             calib_method=calib_method, calib_seed=calib_seed)
+        if plan.engines:
             t = time.perf_counter()
-            details = torchscript_from_learner(learn, run.meta, tmp / FILES["torchscript"])
-            artifacts.append(_artifact(tmp, "torchscript", "torchscript", "fp32", "float-nchw-normalized", common, details))
-            seconds["torchscript"] = time.perf_counter() - t
-            say(f"convert: TorchScript (traced) in {seconds['torchscript']:.1f} s")
-
-        from .onnx_export import onnx_from_learner
-
-        t = time.perf_counter()
-        exp = onnx_from_learner(learn, run.meta, tmp / FILES["onnx-fp32"], opset=opset, exporter=exporter, log=log)
-        onnx_built = {**common, "onnx": versions["onnx"], "opset": str(exp.opset), "exporter": exp.exporter,
-                      "onnxruntime": versions["onnxruntime"], **({"onnxscript": versions["onnxscript"]} if "onnxscript" in versions else {})}
-        details = {**exp.details, "ort_vs_torch_max_abs_diff": exp.max_abs_diff}
-        if exp.fallback_reason:
-            details["fallback_reason"] = exp.fallback_reason
-            notes.append(f"ONNX exported with the legacy exporter: {exp.fallback_reason}")
-        artifacts.append(_artifact(tmp, "onnx-fp32", "onnx", "fp32", f"{run.meta.preprocessing.dtype}-{run.meta.preprocessing.layout.lower()}", onnx_built, details))
-        seconds["onnx"] = time.perf_counter() - t
-        say(f"convert: ONNX ({exp.exporter} exporter, opset {exp.opset}) in {seconds['onnx']:.1f} s")
-
-        if int8:
-            from .int8 import int8_from_onnx
-
-            t = time.perf_counter()
-            say(f"convert: INT8 calibration on {len(calib_files)} training images (stratified by class)")
-            details = int8_from_onnx(tmp / FILES["onnx-fp32"], tmp / FILES["onnx-int8"], calib_files, run.meta,
-                                     method=calib_method, batch_size=batch_size, quiet=quiet, log=log)
-            details["calibration_seed"] = calib_seed
-            artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", f"{run.meta.preprocessing.dtype}-{run.meta.preprocessing.layout.lower()}", onnx_built, details))
-            seconds["int8"] = time.perf_counter() - t
-            say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
-
-        ref_sha = sha256_file(tmp / REFERENCE_NAME)
-        manifest = BundleManifest(
-            model=run.meta,
-            artifacts=tuple(artifacts),
-            recommended={"onnxruntime": "onnx-fp32", **({"torchscript": "torchscript"} if torchscript else {})},
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            source={
-                "run_dir": str(run.path.resolve()),
-                "learner_sha256": sha256_file(run.learner),
-                "data_root": str(root),
-                "split": {"layout": run.split.layout, "seed": run.split.seed, "valid_pct": run.split.valid_pct,
-                          "train": len(run.train), "valid": len(run.valid), "test": len(run.test),
-                          "excluded": len(run.split.excluded)},
-                "reference": REFERENCE_NAME,
-                "reference_sha256": ref_sha,
-                "calibration": {"split": "train", "images": len(calib_items), "seed": calib_seed, "method": calib_method} if int8 else {},
-                "versions": versions,
-                "notes": notes,
-            },
-        )
-        if engines:
-            t = time.perf_counter()
-            engine_arts = build_engines(tmp, manifest, tuple(engines), timing_cache=timing_cache or default_timing_cache(out), log=say)
+            engine_arts = build_engines(tmp, manifest, tuple(plan.engines), timing_cache=timing_cache or default_timing_cache(plan.out), log=say)
             manifest = manifest.replace(artifacts=manifest.artifacts + tuple(engine_arts))
             seconds["tensorrt"] = time.perf_counter() - t
         write_manifest(tmp, manifest)
@@ -288,14 +210,133 @@ def bundle_from_run(
         if gate:
             t = time.perf_counter()
             try:
-                report = run_gate(tmp, data_root=root, thresholds=thresholds, batch_size=batch_size, threads=threads,
+                report = run_gate(tmp, data_root=plan.root, thresholds=thresholds, batch_size=batch_size, threads=threads,
                                   fast_decode=fast_decode, quiet=quiet, log=log)
             except GateFailed as exc:
                 failure = exc
             seconds["gate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     if failure is not None:
-        raise GateFailed(str(failure).replace(str(tmp), str(out)))
+        raise GateFailed(str(failure).replace(str(tmp), str(plan.out)))
     from kimchi_edge.runtime.manifest import read_manifest
 
-    return BundleResult(path=out, manifest=read_manifest(out), gate=report, seconds=seconds, notes=notes)
+    return BundleResult(path=plan.out, manifest=read_manifest(plan.out), gate=report, seconds=seconds, notes=plan.notes)
+
+
+@dataclass
+class _Plan:
+    """What a conversion will do, settled before the learner is loaded (every check that costs nothing)."""
+
+    run: RunFolder
+    root: Path
+    out: Path
+    valid_files: list[Path]
+    calib_items: list[Item]
+    calib_files: list[Path]
+    engines: tuple[str, ...]
+    notes: list[str]
+    int8: bool
+
+
+def _plan(run_dir: str | Path, out: str | Path | None, *, data_root: str | Path | None, int8: bool, calib: int | None,
+          calib_seed: int, engines: Sequence[str], log: Callable[[str], None]) -> _Plan:
+    """Read the run folder and check labels, image paths, calibration count, engines and ``out`` — before any work."""
+    from .tensorrt import tensorrt_unavailable_reason
+
+    run = read_run(run_dir)
+    root = Path(data_root).expanduser() if data_root else run.data_root
+    valid_files = resolve_images(run.valid, root, what="validation")
+    calib_items: list[Item] = []
+    calib_files: list[Path] = []
+    if int8:
+        if not run.train:
+            raise UsageError(f"{run.path / 'split.json'} lists no training images to calibrate INT8 with; pass --no-int8")
+        count = calib if calib is not None else min(DEFAULT_CALIB, len(run.train))
+        calib_items = stratified_sample(run.train, count, run.meta.labels, seed=calib_seed)
+        calib_files = resolve_images(calib_items, root, what="training (INT8 calibration)")
+    bad = [e for e in engines if e not in ("fp16", "int8")]
+    if bad:
+        raise UsageError(f"unknown engine precision {bad[0]!r}; choose fp16 and/or int8")
+    if "int8" in engines and not int8:
+        raise UsageError("an INT8 TensorRT engine is built from the INT8 ONNX model; drop --no-int8 or the INT8 engine")
+    out_dir = Path(out).expanduser() if out else run.path / "bundle"
+    _check_out(out_dir)
+    notes: list[str] = []
+    if engines:
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            log(f"TensorRT engines skipped: {reason}")
+            notes.append(f"TensorRT engines ({', '.join(engines)}) not built: {reason}")
+            engines = ()
+    return _Plan(run, root, out_dir, valid_files, calib_items, calib_files, tuple(engines), notes, int8)
+
+
+def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str], seconds: dict[str, float], *,
+                     torchscript: bool, opset: int, exporter: str, calib_method: str, calib_seed: int, batch_size: int,
+                     quiet: bool, say: Callable[[str], None], log: Callable[[str], None]) -> list[Artifact]:
+    """TorchScript (optional), FP32 ONNX and INT8 QDQ ONNX (optional) into ``tmp``, each timed in ``seconds``."""
+    meta = plan.run.meta
+    common = {k: versions[k] for k in ("torch", "fastai", "kimchi_edge")}
+    onnx_input = f"{meta.preprocessing.dtype}-{meta.preprocessing.layout.lower()}"
+    artifacts: list[Artifact] = []
+    if torchscript:
+        from .torchscript import torchscript_from_learner
+
+        t = time.perf_counter()
+        details = torchscript_from_learner(learn, meta, tmp / FILES["torchscript"])
+        artifacts.append(_artifact(tmp, "torchscript", "torchscript", "fp32", "float-nchw-normalized", common, details))
+        seconds["torchscript"] = time.perf_counter() - t
+        say(f"convert: TorchScript (traced) in {seconds['torchscript']:.1f} s")
+
+    from .onnx_export import onnx_from_learner
+
+    t = time.perf_counter()
+    exp = onnx_from_learner(learn, meta, tmp / FILES["onnx-fp32"], opset=opset, exporter=exporter, log=log)
+    onnx_built = {**common, "onnx": versions["onnx"], "opset": str(exp.opset), "exporter": exp.exporter,
+                  "onnxruntime": versions["onnxruntime"], **({"onnxscript": versions["onnxscript"]} if "onnxscript" in versions else {})}
+    details = {**exp.details, "ort_vs_torch_max_abs_diff": exp.max_abs_diff}
+    if exp.fallback_reason:
+        details["fallback_reason"] = exp.fallback_reason
+        plan.notes.append(f"ONNX exported with the legacy exporter: {exp.fallback_reason}")
+    artifacts.append(_artifact(tmp, "onnx-fp32", "onnx", "fp32", onnx_input, onnx_built, details))
+    seconds["onnx"] = time.perf_counter() - t
+    say(f"convert: ONNX ({exp.exporter} exporter, opset {exp.opset}) in {seconds['onnx']:.1f} s")
+
+    if plan.int8:
+        from .int8 import int8_from_onnx
+
+        t = time.perf_counter()
+        say(f"convert: INT8 calibration on {len(plan.calib_files)} training images (stratified by class)")
+        details = int8_from_onnx(tmp / FILES["onnx-fp32"], tmp / FILES["onnx-int8"], plan.calib_files, meta,
+                                 method=calib_method, batch_size=batch_size, quiet=quiet, log=log)
+        details["calibration_seed"] = calib_seed
+        artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", onnx_input, onnx_built, details))
+        seconds["int8"] = time.perf_counter() - t
+        say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
+    return artifacts
+
+
+def _manifest(plan: _Plan, artifacts: list[Artifact], versions: dict[str, str], reference_sha256: str, *,
+              torchscript: bool, calib_method: str, calib_seed: int) -> BundleManifest:
+    """The bundle's manifest before the gate: artifacts, default recommendation, where everything came from."""
+    run = plan.run
+    return BundleManifest(
+        model=run.meta,
+        artifacts=tuple(artifacts),
+        recommended={"onnxruntime": "onnx-fp32", **({"torchscript": "torchscript"} if torchscript else {})},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source={
+            "run_dir": str(run.path.resolve()),
+            "learner_sha256": sha256_file(run.learner),
+            "data_root": str(plan.root),
+            "split": {"layout": run.split.layout, "seed": run.split.seed, "valid_pct": run.split.valid_pct,
+                      "train": len(run.train), "valid": len(run.valid), "test": len(run.test),
+                      "excluded": len(run.split.excluded)},
+            "reference": REFERENCE_NAME,
+            "reference_sha256": reference_sha256,
+            "calibration": ({"split": "train", "images": len(plan.calib_items), "seed": calib_seed, "method": calib_method}
+                            if plan.int8 else {}),
+            "versions": versions,
+            "notes": plan.notes,
+        },
+    )

@@ -235,10 +235,7 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     require("multipart", extra="serve", purpose="kimchi-edge serve (multipart uploads)")
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     from kimchi_edge import __version__
 
@@ -260,21 +257,6 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
                 await state["batcher"].stop()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    from pydantic import BaseModel
-
-    class LabelProbability(BaseModel):
-        label: str
-        probability: float
-
-    class PredictResponse(BaseModel):
-        label: str
-        probability: float
-        top: list[LabelProbability]
-        backend: str
-        artifact: str
-        batch_size: int
-        latency_ms: dict[str, float]
-
     app = FastAPI(
         title="kimchi-edge",
         version=__version__,
@@ -284,6 +266,19 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     app.state.classifier = classifier
     app.state.config = cfg
     app.state.stats = state
+
+    _add_error_handlers(app)
+    _add_predict_route(app, classifier, cfg, executor, state)
+    _add_info_routes(app, classifier, cfg, state)
+    return app
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error is ``{"error": kind, "message": one line}`` with its status code; nothing leaks a traceback."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": kind, "message": message}, status_code=status, headers=headers)
@@ -309,6 +304,9 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
         log.error("unhandled %s on %s %s (traceback follows from the ASGI server)", type(exc).__name__, request.method, request.url.path)
         return error(500, "internal_error", "internal server error; the details are in the server log")
 
+
+def _openapi_predict_docs() -> tuple[dict[str, Any], dict[int, Any]]:
+    """The ``/predict`` request body (raw image or multipart) and error responses, for the OpenAPI page."""
     predict_body = {
         "requestBody": {
             "required": True,
@@ -330,6 +328,37 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
             (504, "timeout", "the request took longer than the server's time limit"),
         ]
     }
+    return predict_body, error_responses
+
+
+def _response_models() -> tuple[Any, Any]:
+    """Pydantic models of ``/predict``'s answer (for the OpenAPI schema and response validation)."""
+    from pydantic import BaseModel
+
+    class LabelProbability(BaseModel):
+        label: str
+        probability: float
+
+    class PredictResponse(BaseModel):
+        label: str
+        probability: float
+        top: list[LabelProbability]
+        backend: str
+        artifact: str
+        batch_size: int
+        latency_ms: dict[str, float]
+
+    return LabelProbability, PredictResponse
+
+
+def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: ThreadPoolExecutor, state: dict[str, Any]) -> None:
+    """``POST /predict``: limits (media type, size, body time, in-flight count), then classify in the executor."""
+    from fastapi import Query, Request
+
+    info = classifier.info
+    n_labels = len(classifier.labels)
+    _, PredictResponse = _response_models()
+    predict_body, error_responses = _openapi_predict_docs()
 
     async def classify(data: bytes, top_k: int, started: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -379,6 +408,13 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
         finally:
             state["pending"] -= 1
 
+
+def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: dict[str, Any]) -> None:
+    """``GET /health`` and ``GET /metadata``."""
+    from kimchi_edge import __version__
+
+    info = classifier.info
+
     @app.get("/health", summary="Liveness: the model is loaded")
     async def health():
         return {"status": "ok", "backend": info["backend"], "artifact": info["artifact"], "pending": state["pending"]}
@@ -401,5 +437,3 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
             "batching": {"enabled": cfg.batching, "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else None},
             "kimchi_edge": __version__,
         }
-
-    return app

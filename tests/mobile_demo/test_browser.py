@@ -140,7 +140,7 @@ def test_page_loads_and_upload_shows_prediction(server, browser, tmp_path):
     open_tab(browser, server, "Upload")
     page = wait_text(browser, "Labels (3)", "빨강 red", "Input size 32×32", "onnxruntime",
                      "Accuracy gate passed on 120 validation images, the fastai learner got 91.5 % of them right.",
-                     "in use: onnx-fp32 passed: 91.2% right, 0.25 points below the fastai learner")
+                     "In use onnx-fp32 passed: 91.2% right, 0.25 points below the fastai learner")
     assert "Traceback" not in page
     red, blue, muddy = tmp_path / "red.jpg", tmp_path / "blue rgba.png", tmp_path / "muddy.jpg"
     red.write_bytes(images.jpeg(images.RED, size=(640, 480)))
