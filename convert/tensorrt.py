@@ -13,7 +13,6 @@ bundle (not inside it), so rebuilding after an upgrade is fast and the bundle st
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,7 +47,9 @@ def default_timing_cache(bundle_dir: str | Path) -> Path:
 
 def tensorrt_unavailable_reason() -> str | None:
     """``None`` when engines can be built here, else one line saying why not."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    from kimchi_edge.runtime.sysinfo import cuda_hidden
+
+    if cuda_hidden():
         return "no GPU visible (CUDA_VISIBLE_DEVICES hides them)"
     try:
         import tensorrt  # noqa: F401

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("kimchi_edge.runtime.info_cli", "what a bundle holds: model, artifacts, gate verdicts, verification set"),
     "predict": ("kimchi_edge.runtime.predict_cli", "classify images with a bundle"),
     "serve": ("kimchi_edge.runtime.serve_cli", "HTTP server for a bundle (POST /predict)"),
-    "bench": ("kimchi_edge.runtime.bench_cli", "benchmark a bundle: latency percentiles, throughput, per-stage split"),
+    "bench": ("kimchi_edge.runtime.bench_cli", "benchmark a bundle (latency percentiles, per-stage split); --compare RUN_DIR: fastai vs the bundle -> BENCHMARKS.md"),
     "build-engine": ("kimchi_edge.convert.build_engine_cli", "build a TensorRT engine for this GPU from a bundle's ONNX"),
     "demo": ("kimchi_edge.mobile_demo.cli", "Streamlit camera demo (phone snapshot, live webcam, upload)"),
     "sample": ("kimchi_edge.train.sample_cli", "write the built-in sample dataset (folder per class) to a folder"),

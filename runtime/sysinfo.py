@@ -96,6 +96,18 @@ def loadavg() -> list[float]:
 # --------------------------------------------------------------------------- CUDA driver (ctypes, no extra package)
 
 
+def cuda_hidden() -> bool:
+    """``CUDA_VISIBLE_DEVICES`` hides every GPU (set to ``""`` or ``-1``)."""
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+
+
+def cuda_gpu_present() -> bool:
+    """A CUDA device answers here: not hidden, the driver loads, ``cuInit`` works, at least one device."""
+    return not cuda_hidden() and cuda_device_facts().get("gpu") is not None
+
+
 def can_load_library(*names: str) -> bool:
     """Whether any of the shared libraries ``names`` loads here (e.g. ``"libnvinfer.so.10"``)."""
     return _load_first(names) is not None

@@ -103,14 +103,9 @@ def create_backend(
 
 
 def _cuda_gpu_present() -> bool:
-    """A CUDA device answers here (driver loads, ``cuInit`` works, at least one device)."""
-    import os
+    from ..sysinfo import cuda_gpu_present
 
-    from ..sysinfo import cuda_device_facts
-
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return cuda_device_facts().get("gpu") is not None
+    return cuda_gpu_present()
 
 
 def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None) -> Artifact:

@@ -11,11 +11,11 @@ import onnxruntime as ort
 
 from ..errors import BundleError, InvalidInputError
 from ..manifest import Artifact, BundleManifest
-from ..sysinfo import can_load_library, load_libcuda
+from ..sysinfo import can_load_library, cuda_hidden, load_libcuda
 
 
 def _has_cuda_device() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    if cuda_hidden():
         return False
     if load_libcuda() is None:
         return False
