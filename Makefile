@@ -60,7 +60,8 @@ $(VENV310)/.installed: pyproject.toml
 
 test-py310: setup-py310
 	@$(PY310) -c 'import sys, importlib.metadata as m; names = {d.metadata["Name"].lower() for d in m.distributions()}; \
-	  print("Python", sys.version.split()[0], *sorted(f"{n}=={m.version(n)}" for n in names & {"numpy", "onnxruntime", "onnxruntime-gpu", "streamlit", "streamlit-webrtc"}))'
+	  print("Python", sys.version.split()[0], *sorted(f"{n}=={m.version(n)}" for n in names & {"numpy", "onnxruntime", "onnxruntime-gpu", "streamlit", "streamlit-webrtc"})); \
+	  sys.exit(f"$(VENV310) must not have torch/fastai (found {sorted(names & {"torch", "fastai"})})" if names & {"torch", "fastai"} else 0)'
 	$(PY310) -m pytest $(PYTEST_ARGS310)
 
 # Resolution only (nothing is installed): fails on the first install that has no solution for a target.

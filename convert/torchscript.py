@@ -57,7 +57,9 @@ def torchscript_from_learner(learn: Any, meta: ModelMeta, out_path: str | Path) 
     if diff > 1e-3 * max(1.0, scale):
         raise ConversionError(f"traced TorchScript disagrees with the eager model: max |Δlogit| {diff:.3g}")
     buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; the artifact is still what users ask for
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated", category=FutureWarning)
+        torch.jit.save(traced, buf)
     atomic_write_bytes(Path(out_path), buf.getvalue())
     return {"input_shape": ["N", 3, pre.height, pre.width], "traced_vs_eager_max_abs_diff": diff,
             "seconds": round(time.perf_counter() - t0, 2)}
