@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     """Build (or keep) the engine, then load it once with the TensorRT backend to prove it runs here."""
     import time
 
-    import numpy as np
 
     from kimchi_edge.runtime.backends.tensorrt_backend import TensorRTBackend, engine_mismatches, installed_facts
     from kimchi_edge.runtime.errors import UsageError
@@ -81,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         say(f"built {art.name}: {art.file} ({art.size_bytes / 1e6:.1f} MB; {built_with}) in {took:.0f} s")
     pre = manifest.preprocessing
-    shape = (1, pre.height, pre.width, 3) if pre.layout == "NHWC" else (1, 3, pre.height, pre.width)
+    smoke = pre.example_batch(1)  # the bundle's own shape and dtype (float32 whenever training's batch resample ran)
+    shape = smoke.shape
     with TensorRTBackend(bundle, manifest, art, installed=facts) as backend:
-        # the bundle's own input dtype: float32 whenever training's batch resample makes fractional pixels
-        logits = backend.infer(np.zeros(shape, dtype=np.dtype(pre.dtype)))
+        logits = backend.infer(smoke)
     emit(args, {"bundle": str(bundle), "artifact": to_dict(art), "built": took is not None,
                 "seconds": None if took is None else round(took, 1), "smoke_test": {"input": [list(shape), pre.dtype],
                                                                                      "logits_shape": list(logits.shape)}},

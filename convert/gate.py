@@ -50,6 +50,7 @@ from kimchi_edge.runtime.manifest import (
     read_manifest,
     read_typed,
     to_dict,
+    artifact_path,
     verify_artifact,
 )
 
@@ -177,7 +178,7 @@ def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, file
 
     verify_artifact(bundle, art)
     pre = Preprocessor(manifest.preprocessing, max_pixels=None, fast_decode=fast_decode)
-    module = load_torchscript(bundle / art.file, threads=threads)
+    module = load_torchscript(artifact_path(bundle, art), threads=threads)
     torchscript_logits(module, pre.normalize(pre.batch(files[:1])))  # warm-up
     probs, infer = [], 0.0
     bar = progress(total=len(files), desc=f"gate {art.name}", quiet=quiet, unit="img")

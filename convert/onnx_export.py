@@ -296,7 +296,7 @@ def onnx_from_learner(
     model = model.eval().cpu().float()
     pre = meta.preprocessing
     wrapper = normalizing_module(model, pre)
-    shape = (2, pre.height, pre.width, 3) if pre.layout == "NHWC" else (2, 3, pre.height, pre.width)
+    shape = pre.batch_shape(2)
     gen = torch.Generator().manual_seed(0)
     example = _example(shape, pre.dtype, gen)
 

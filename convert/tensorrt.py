@@ -170,7 +170,7 @@ def build_engines(
     out = []
     cache = Path(timing_cache) if timing_cache else default_timing_cache(bundle_dir)
     pre = manifest.preprocessing
-    shape = (pre.height, pre.width, 3) if pre.layout == "NHWC" else (3, pre.height, pre.width)
+    shape = pre.input_shape
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; choose from {PRECISIONS}")

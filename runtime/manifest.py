@@ -76,6 +76,21 @@ class Preprocessing:
         if self.layout not in ("NHWC", "NCHW"):
             raise BundleError(f"preprocessing.layout is {self.layout!r}; expected 'NHWC' or 'NCHW'")
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's model input shape in ``layout`` (no batch axis)."""
+        return (self.height, self.width, 3) if self.layout == "NHWC" else (3, self.height, self.width)
+
+    def batch_shape(self, n: int) -> tuple[int, int, int, int]:
+        """The model input shape of ``n`` images."""
+        return (n, *self.input_shape)
+
+    def example_batch(self, n: int = 1):
+        """Zeros of the model's exact input shape and dtype: the smoke input of engines and exporters."""
+        import numpy as np
+
+        return np.zeros(self.batch_shape(n), dtype=np.dtype(self.dtype))
+
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -116,6 +131,11 @@ class Artifact:
     built_with: Mapping[str, str] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        problem = unsafe_relative_path(self.file)
+        if problem:
+            raise BundleError(f"artifact {self.name!r}: file {self.file!r} {problem}; a bundle names files inside its own folder")
+
 
 @dataclass(frozen=True)
 class BundleManifest:
@@ -149,6 +169,38 @@ class BundleManifest:
 
     def replace(self, **changes: Any) -> "BundleManifest":
         return dataclasses.replace(self, **changes)
+
+
+def unsafe_relative_path(name: str) -> str:
+    """Why ``name`` is not a plain relative path inside a folder ('' when it is): absolute, ``..``, drive, backslash."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(name, str) or not name or name.strip() != name:
+        return "is empty or not a plain file name"
+    if "\\" in name or "\x00" in name:
+        return "contains a backslash or NUL"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "climbs out with '..'"
+    return ""
+
+
+def artifact_path(bundle_dir: str | Path, art: Artifact) -> Path:
+    """The artifact's file inside the bundle; refused *before* anything is opened when it resolves outside (symlinks).
+
+    Raises:
+        BundleError: the name is unsafe or its real path is not inside the bundle folder.
+    """
+    problem = unsafe_relative_path(art.file)
+    if problem:
+        raise BundleError(f"artifact {art.name!r}: file {art.file!r} {problem}; a bundle names files inside its own folder")
+    root = Path(bundle_dir).resolve()
+    path = Path(bundle_dir) / art.file
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise BundleError(f"artifact {art.name!r}: {art.file} resolves to {real}, outside the bundle {root} (a symlink?); refused")
+    return path
 
 
 # --------------------------------------------------------------------------- typed exchange files
@@ -305,11 +357,25 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise BundleError(f"{where}: expected an object, got {type(value).__name__}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return _primitive(hint, value, where)
+
+
+_KINDS = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def _primitive(hint: Any, value: Any, where: str) -> Any:
+    """Check a JSON scalar against ``str``/``int``/``float``/``bool``; other hints (``Any``) pass through."""
+    ok = {
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+    }.get(hint)
+    if ok is None:
+        return value
+    if not ok:
+        raise BundleError(f"{where}: expected {_KINDS[hint]}, got {type(value).__name__} {value!r:.40}")
+    return float(value) if hint is float else value
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -414,7 +480,7 @@ def verify_artifact(bundle_dir: str | Path, art: Artifact) -> None:
     """
     from .fsutil import sha256_file
 
-    path = Path(bundle_dir) / art.file
+    path = artifact_path(bundle_dir, art)
     if not path.is_file():
         raise BundleError(f"bundle artifact {art.name!r} is missing its file {art.file}")
     actual = sha256_file(path)

@@ -319,8 +319,7 @@ class Preprocessor:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        s = self.spec
-        return (s.height, s.width, 3) if s.layout == "NHWC" else (3, s.height, s.width)
+        return self.spec.input_shape
 
     def decode(self, src: ImageInput) -> Image.Image:
         """Decode one image to upright RGB (reduced-scale JPEG decode when allowed)."""

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, InvalidInputError
-from ..manifest import Artifact, BundleManifest
+from ..manifest import Artifact, BundleManifest, artifact_path
 from ..sysinfo import can_load_library, cuda_hidden, load_libcuda
 
 
@@ -62,7 +62,7 @@ class OnnxRuntimeBackend:
         providers: list[str] | None = None,
     ) -> None:
         self.artifact = artifact
-        path = Path(bundle_dir) / artifact.file
+        path = artifact_path(bundle_dir, artifact)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

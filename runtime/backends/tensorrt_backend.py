@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import BackendError, BundleError, KimchiEdgeError
-from ..manifest import Artifact, BundleManifest, verify_artifact
+from ..manifest import Artifact, BundleManifest, artifact_path, verify_artifact
 from ..sysinfo import cuda_device_facts
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class TensorRTBackend:
         self.facts = dict(installed or {})
         self._logger = _make_logger(trt)
         self._lock = threading.Lock()
-        path = Path(bundle_dir) / artifact.file
+        path = artifact_path(bundle_dir, artifact)
         rebuild = rebuild_hint(artifact.precision, bundle_dir)
         self.runtime = trt.Runtime(self._logger)
         if self.runtime is None:

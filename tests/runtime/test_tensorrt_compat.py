@@ -216,7 +216,7 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
             self.artifact = artifact
             pre = manifest.preprocessing
             self.input_dtype = np.dtype(pre.dtype)  # an engine built from the bundle's ONNX takes its input dtype
-            self.shape = (pre.height, pre.width, 3) if pre.layout == "NHWC" else (3, pre.height, pre.width)
+            self.shape = pre.input_shape
 
         def infer(self, batch):
             from kimchi_edge.runtime.errors import BackendError
