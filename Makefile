@@ -60,11 +60,13 @@ $(VENV310)/.installed: pyproject.toml
 
 test-py310: setup-py310
 	@$(PY310) -c 'import sys, importlib.metadata as m; names = {d.metadata["Name"].lower() for d in m.distributions()}; \
-	  print("Python", sys.version.split()[0], *sorted(f"{n}=={m.version(n)}" for n in names & {"numpy", "onnxruntime", "onnxruntime-gpu", "streamlit", "streamlit-webrtc"})); \
-	  sys.exit(f"$(VENV310) must not have torch/fastai (found {sorted(names & {"torch", "fastai"})})" if names & {"torch", "fastai"} else 0)'
+	  shown = ("numpy", "onnxruntime", "onnxruntime-gpu", "streamlit", "streamlit-webrtc"); heavy = sorted(names & {"torch", "fastai"}); \
+	  print("Python", sys.version.split()[0], *(n + "==" + m.version(n) for n in shown if n in names)); \
+	  sys.exit("$(VENV310) must not have torch or fastai, found: " + ", ".join(heavy) if heavy else 0)'
 	$(PY310) -m pytest $(PYTEST_ARGS310)
 
-# Resolution only (nothing is installed): fails on the first install that has no solution for a target.
+# Resolution only (nothing is installed): fails on the first install that has no solution for a target, or that
+# would install both ONNX Runtime wheels (they provide the same `onnxruntime` module and overwrite each other).
 resolve: setup
 	@test -x $(VENV)/bin/uv || $(PIP) install --quiet --progress-bar off uv
 	@set -e; for target in $(RESOLVE_TARGETS); do \
@@ -73,9 +75,11 @@ resolve: setup
 	    extra=; [ "$$install" = base ] || extra="--extra $$install"; \
 	    echo "== resolve kimchi-edge[$$install] for $$platform, Python $$version"; \
 	    if ! out=$$($(VENV)/bin/uv pip compile pyproject.toml $$extra --python-platform $$platform --python-version $$version \
-	                 --no-header --no-annotate --quiet 2>&1); then \
+	                 --no-python-downloads --no-header --no-annotate --quiet 2>&1); then \
 	      echo "$$out"; echo "make resolve: kimchi-edge[$$install] does not resolve for $$platform, Python $$version" >&2; exit 1; fi; \
 	    echo "$$out" | grep -v '^ *#' | tr '\n' ' ' | fold -s -w 118 | sed 's/^/   /'; echo; \
+	    if echo "$$out" | grep -q '^onnxruntime==' && echo "$$out" | grep -q '^onnxruntime-gpu=='; then \
+	      echo "make resolve: kimchi-edge[$$install] on $$platform installs onnxruntime and onnxruntime-gpu (one module, two wheels)" >&2; exit 1; fi; \
 	  done; \
 	done; echo "make resolve: every install resolves on every target"
 

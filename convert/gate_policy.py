@@ -108,6 +108,31 @@ def decide(r: ArtifactResult, t: Thresholds) -> None:
     r.reason = "; ".join(problems)
 
 
+def judge_decode_variant(r: ArtifactResult, t: Thresholds) -> bool:
+    """A preprocessing variant (e.g. reduced-scale JPEG decoding) of an FP32 artifact, held to the FP32 thresholds.
+
+    Sets ``r.reason`` to the verdict in words; the row stays ``info`` in the table.  Returns whether it passed,
+    i.e. whether the runtime may use the variant by default.
+    """
+    probe = ArtifactResult(name=r.name, format=r.format, precision="fp32", status="", metrics=r.metrics)
+    decide(probe, t)
+    r.reason = ("meets the FP32 thresholds: the runtime's default decoding" if probe.status == "pass"
+                else f"misses the FP32 thresholds ({probe.reason}): the runtime decodes at full size by default")
+    return probe.status == "pass"
+
+
+def passed_providers(r: ArtifactResult) -> tuple[str, ...]:
+    """Where a passing result ran: ONNX Runtime's first execution provider, or ``"tensorrt"`` for an engine."""
+    if r.status != "pass":
+        return ()
+    if r.format == "tensorrt":
+        return ("tensorrt",)
+    if r.format == "torchscript":
+        return ("torch",)
+    providers = list(r.runtime.get("providers") or [])
+    return tuple(providers[:1])
+
+
 def recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """Best artifact per backend: the first in :data:`PREFERENCE` that passed (or is not scored yet).
 
@@ -124,7 +149,7 @@ def recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict
         if any(status.get(n) == "fail" and by_name[n].precision != "int8" for n in present):
             notes.append(f"{', '.join(n for n in present if status.get(n) == 'fail')} failed the gate; no artifact is recommended for {backend}")
             continue
-        ok = [n for n in present if status.get(n) == "pass"] or [n for n in present if status.get(n) in (None, "", "skipped")]
+        ok = [n for n in present if status.get(n) == "pass"]  # only what passed: never an unscored or skipped artifact
         if ok:
             rec[backend] = ok[0]
         for n in present:
@@ -134,6 +159,6 @@ def recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict
                     if ok else f"{n} failed the gate; no artifact is recommended for {backend}"
                 )
     for backend, name in manifest.recommended.items():  # keep recommendations for backends we do not rank
-        if backend not in PREFERENCE and name in by_name and status.get(name) != "fail":
+        if backend not in PREFERENCE and name in by_name and status.get(name) == "pass":
             rec[backend] = name
     return rec, notes

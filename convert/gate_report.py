@@ -20,7 +20,7 @@ from kimchi_edge.runtime.manifest import (
     write_manifest,
 )
 
-from .gate_policy import ArtifactResult, Thresholds
+from .gate_policy import ArtifactResult, Thresholds, passed_providers
 
 __all__ = ["GateReport", "format_markdown", "format_table", "write_report"]
 
@@ -37,6 +37,7 @@ class GateReport:
     data_root: str
     created: str
     environment: dict[str, Any]
+    fast_decode_passed: bool = False
 
     def result(self, name: str) -> ArtifactResult:
         for r in self.results:
@@ -79,15 +80,22 @@ def write_report(bundle: Path, manifest: BundleManifest, report: GateReport, sta
         images=report.reference["n"],
         reference_top1=report.reference["top1"],
         thresholds=dataclasses.asdict(report.thresholds),
-        artifacts={n: GateVerdict(s, by_name[n].reason if n in by_name else _earlier_reason(manifest, n)) for n, s in status.items()},
+        artifacts={n: _verdict(manifest, n, s, by_name.get(n)) for n, s in status.items()},
         notes=tuple(report.notes),
+        fast_decode=report.fast_decode_passed,
     )
     write_manifest(bundle, manifest.replace(artifacts=tuple(arts), recommended=report.recommended, gate=summary))
 
 
-def _earlier_reason(manifest: BundleManifest, name: str) -> str:
-    verdict = manifest.gate.verdict(name) if manifest.gate else None
-    return verdict.reason if verdict else ""
+def _verdict(manifest: BundleManifest, name: str, status: str, r: ArtifactResult | None) -> GateVerdict:
+    """This run's verdict; where it passed again, the providers it passed on before are kept (other machines')."""
+    earlier = manifest.gate.verdict(name) if manifest.gate else None
+    if r is None or r.status == "skipped":  # not re-scored here: the last verdict stands
+        return earlier if earlier is not None else GateVerdict(status, r.reason if r else "")
+    providers = passed_providers(r)
+    if providers and earlier is not None and earlier.passed:
+        providers = tuple(dict.fromkeys(earlier.providers + providers))
+    return GateVerdict(r.status, r.reason, providers)
 
 
 def _finite(obj: Any) -> Any:

@@ -34,9 +34,10 @@ import json, sys, time
 t0 = time.perf_counter()
 import kimchi_edge.runtime as runtime
 t1 = time.perf_counter()
-bundle, backend, artifact, precision, threads, image = sys.argv[1:7]
+bundle, backend, artifact, precision, threads, image, allow_ungated = sys.argv[1:8]
 clf = runtime.Classifier.from_bundle(bundle, backend=backend, artifact=artifact or None,
-                                     precision=precision or None, threads=int(threads) if threads else None)
+                                     precision=precision or None, threads=int(threads) if threads else None,
+                                     allow_ungated=allow_ungated == "1")
 t2 = time.perf_counter()
 pred = clf.predict(image)
 t3 = time.perf_counter()
@@ -223,7 +224,8 @@ def cold_start(args: argparse.Namespace, image_path: str) -> dict[str, Any]:
     from .errors import KimchiEdgeError
 
     cmd = [sys.executable, "-c", COLD_START, str(Path(args.bundle).resolve()), args.backend, args.artifact or "",
-           args.precision or "", str(args.threads or ""), os.path.abspath(image_path)]
+           args.precision or "", str(args.threads or ""), os.path.abspath(image_path),
+           "1" if getattr(args, "allow_ungated", False) else "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(image_path)), timeout=600)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

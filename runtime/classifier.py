@@ -76,7 +76,8 @@ class Classifier:
         providers: list[str] | None = None,
         verify: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        fast_decode: bool = True,
+        fast_decode: bool | None = None,
+        allow_ungated: bool = False,
     ) -> "Classifier":
         """Load a bundle.
 
@@ -90,7 +91,12 @@ class Classifier:
             providers: force ONNX Runtime execution providers.
             verify: check the artifact's SHA-256 before loading it.
             max_pixels: refuse larger images before decoding them.
-            fast_decode: allow reduced-scale JPEG decoding of large photos.
+            fast_decode: reduced-scale JPEG decoding of large photos.  ``None`` (default): only where the
+                accuracy gate found it meets the FP32 thresholds on this bundle (``manifest.gate.fast_decode``);
+                otherwise full-size decoding, which is what the gate judged.
+            allow_ungated: run an artifact or execution provider the accuracy gate has not passed (failed, skipped,
+                never gated); ``info["gated"]`` is then False and ``notes`` say so.  By default only gated artifacts
+                run and a bundle whose FP32 artifact failed is refused.
 
         Returns:
             A loaded classifier; ``info`` and ``notes`` say which backend/artifact is used and why
@@ -107,8 +113,10 @@ class Classifier:
         manifest = read_manifest(bundle_dir)
         be, notes = create_backend(
             backend, bundle_dir, manifest, artifact=artifact, precision=precision, threads=threads,
-            providers=providers, verify=verify,
+            providers=providers, verify=verify, allow_ungated=allow_ungated,
         )
+        if fast_decode is None:
+            fast_decode = bool(manifest.gate and manifest.gate.fast_decode)
         pre = Preprocessor(manifest.preprocessing, max_pixels=max_pixels, fast_decode=fast_decode)
         clf = cls(bundle_dir, manifest, be, pre, notes)
         clf.load_ms = (time.perf_counter() - t0) * 1e3
@@ -127,6 +135,8 @@ class Classifier:
             "labels": self.labels,
             "input_size": [p.height, p.width],
             "load_ms": round(self.load_ms, 1),
+            "gated": not any(n.startswith("UNGATED:") for n in self.notes),
+            "fast_decode": self.preprocessor.fast_decode,
             "notes": list(self.notes),
         }
 

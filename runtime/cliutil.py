@@ -28,6 +28,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--artifact", default=None, metavar="NAME", help="force an artifact by name (onnx-fp32, onnx-int8, trt-fp16 ...)")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"], help="prefer this precision (default: the bundle's recommendation)")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N", help="ONNX Runtime CPU threads (default: all cores)")
+    g.add_argument("--allow-ungated", action="store_true",
+                   help="also run an artifact or execution provider the accuracy gate did not pass (failed, skipped, "
+                        "never gated); by default only what passed runs")
 
 
 def classifier_from_args(args: argparse.Namespace, **kwargs):
@@ -35,7 +38,7 @@ def classifier_from_args(args: argparse.Namespace, **kwargs):
     from .classifier import Classifier
 
     return Classifier.from_bundle(args.bundle, backend=args.backend, artifact=args.artifact, precision=args.precision,
-                                  threads=args.threads, **kwargs)
+                                  threads=args.threads, allow_ungated=getattr(args, "allow_ungated", False), **kwargs)
 
 
 # --------------------------------------------------------------------------- output: the same on every command

@@ -263,6 +263,9 @@ class GateVerdict:
 
     status: str  # "pass" | "fail" | "skipped"
     reason: str = ""
+    #: where it passed: ONNX Runtime execution providers ("CPUExecutionProvider") or "tensorrt" for engines.
+    #: The runtime uses only these by default; ``kimchi-edge verify`` on another machine adds that machine's.
+    providers: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -297,6 +300,8 @@ class GateSummary:
     thresholds: Mapping[str, float] = field(default_factory=dict)
     artifacts: Mapping[str, GateVerdict] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: the runtime's reduced-scale JPEG decoding met the FP32 thresholds, so it is the runtime's default decode
+    fast_decode: bool = False
 
     def verdict(self, artifact: str) -> Optional[GateVerdict]:
         return self.artifacts.get(artifact)

@@ -417,7 +417,11 @@ def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: dict[s
 
     @app.get("/health", summary="Liveness: the model is loaded")
     async def health():
-        return {"status": "ok", "backend": info["backend"], "artifact": info["artifact"], "pending": state["pending"]}
+        out = {"status": "ok", "backend": info["backend"], "artifact": info["artifact"], "gated": info["gated"],
+               "pending": state["pending"]}
+        if not info["gated"]:
+            out["warning"] = next(n for n in info["notes"] if n.startswith("UNGATED:"))
+        return out
 
     @app.get("/metadata", summary="Labels, input size, backend, limits and the accuracy gate's summary")
     async def metadata():
@@ -432,7 +436,9 @@ def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: dict[s
             "architecture": info["architecture"],
             "backend": {k: v for k, v in info.items() if k not in ("labels", "input_size", "architecture", "notes", "bundle")},
             "notes": info["notes"],
+            "gated": info["gated"],
             "gate": to_dict(m.gate) if m.gate else {},
+            "gate_in_words": m.gate.in_words() if m.gate else ["the accuracy gate has never run on this bundle"],
             "limits": {k: v for k, v in asdict(cfg).items()},
             "batching": {"enabled": cfg.batching, "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else None},
             "kimchi_edge": __version__,

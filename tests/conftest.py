@@ -62,23 +62,63 @@ def make_color_onnx(path: Path, size: int = 32) -> None:
     onnx.save(model, str(path))
 
 
-def make_color_bundle(folder: Path) -> Path:
+#: the verification images of the colour bundle: (file, label, RGB)
+COLOR_IMAGES = [(f"{lab}/{i}.png", lab, rgb) for lab, base in zip(COLOR_LABELS, ((230, 30, 40), (30, 220, 50), (40, 30, 230)))
+                for i, rgb in enumerate([base, tuple(min(255, c + 15) for c in base), tuple(max(0, c - 20) for c in base)])]
+
+
+def color_reference_probabilities(rgb) -> np.ndarray:
+    """What the mean-colour "learner" says about a solid image: softmax(10 * (rgb / 255 - 0.5))."""
+    z = 10.0 * (np.asarray(rgb, dtype=np.float64) / 255.0 - 0.5)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def make_color_bundle(folder: Path, *, gated: bool = True) -> Path:
+    """The colour bundle, gated for real: verification images, ``reference.json``, then ``run_gate`` on them.
+
+    uint8 input without a batch resample: a combination training writes (Pillow's geometry alone is exact).
+    """
+    from PIL import Image
+
+    from kimchi_edge.runtime.fsutil import atomic_write_json
+
     folder.mkdir(parents=True, exist_ok=True)
     make_color_onnx(folder / "model.onnx")
-    pre = Preprocessing(height=32, width=32, resize_height=40, resize_width=40, batch_resize=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    pre = Preprocessing(height=32, width=32, resize_height=32, resize_width=32, batch_resize=False, mean=(0.5,) * 3, std=(0.5,) * 3)
     meta = ModelMeta(labels=COLOR_LABELS, architecture="mean-colour", preprocessing=pre)
     art = Artifact(
         name="onnx-fp32", file="model.onnx", format="onnx", precision="fp32",
         sha256=sha256_file(folder / "model.onnx"), size_bytes=(folder / "model.onnx").stat().st_size,
     )
     write_manifest(folder, BundleManifest(model=meta, artifacts=(art,), recommended={"onnxruntime": "onnx-fp32"}))
+    if not gated:
+        return folder
+    images = folder.parent / "verification-images"
+    items = []
+    for file, label, rgb in COLOR_IMAGES:
+        (images / file).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 40), rgb).save(images / file)
+        p = color_reference_probabilities(rgb)
+        items.append({"file": file, "label": label, "prediction": COLOR_LABELS[int(p.argmax())], "probabilities": p.tolist()})
+    atomic_write_json(folder / "reference.json", {"data_root": str(images), "labels": list(COLOR_LABELS), "items": items,
+                                                  "source": {"what": "mean-colour formula (the test's 'learner')"}})
+    from kimchi_edge.convert.gate import run_gate
+
+    run_gate(folder, data_root=images, quiet=True)
     return folder
 
 
 @pytest.fixture(scope="session")
 def color_bundle(tmp_path_factory) -> Path:
-    """A real ONNX bundle classifying by mean colour into ``COLOR_LABELS``."""
+    """A real ONNX bundle classifying by mean colour into ``COLOR_LABELS``, passed by a real accuracy-gate run."""
     return make_color_bundle(tmp_path_factory.mktemp("color_bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def ungated_color_bundle(tmp_path_factory) -> Path:
+    """The same bundle before any gate ran (what ``convert --no-gate`` leaves)."""
+    return make_color_bundle(tmp_path_factory.mktemp("ungated_bundle") / "bundle", gated=False)
 
 
 @pytest.fixture(scope="session")

@@ -29,10 +29,14 @@ def test_every_command_has_the_same_quiet_and_json(name):
     assert "one UTF-8 JSON object on stdout" in opts["--json"].help, opts["--json"].help
 
 
-def test_info_json_is_one_object_and_quiet_is_silent(color_bundle, capsys):
+def test_info_json_is_one_object_and_quiet_is_silent(color_bundle, ungated_color_bundle, capsys):
     assert main(["info", str(color_bundle), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"]["labels"] == ["빨강 red", "초록 green", "파랑 blue"]
+    assert doc["gate"]["passed"] is True and doc["artifacts"][0]["gate"]["status"] == "pass"
+    assert doc["verification"]["images"] == 9
+    assert main(["info", str(ungated_color_bundle), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
     assert doc["gate"] is None and doc["artifacts"][0]["gate"] is None
     assert main(["info", str(color_bundle), "--quiet"]) == 0
     out = capsys.readouterr()

@@ -47,6 +47,7 @@ def create_backend(
     threads: int | None = None,
     providers: list[str] | None = None,
     verify: bool = True,
+    allow_ungated: bool = False,
 ) -> tuple[Backend, list[str]]:
     """Create the backend ``name`` and return it with the notes explaining the choice.
 
@@ -59,6 +60,8 @@ def create_backend(
         threads: CPU threads for ONNX Runtime (default: all cores).
         providers: force ONNX Runtime execution providers.
         verify: check the chosen artifact's SHA-256 against the manifest before loading it.
+        allow_ungated: also run an artifact (or execution provider) the accuracy gate did not pass on this
+            bundle; by default only what passed runs, and a bundle whose FP32 artifact failed is refused.
 
     Returns:
         ``(backend, notes)`` where ``notes`` are human sentences such as a TensorRT fallback reason.
@@ -78,7 +81,12 @@ def create_backend(
         from .tensorrt_backend import TensorRTUnavailable, create_tensorrt_backend
 
         try:
-            return create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision, verify=verify), notes
+            trt_backend = create_tensorrt_backend(bundle_dir, manifest, artifact=artifact, precision=precision,
+                                                  verify=verify, allow_ungated=allow_ungated)
+            ungated = ungated_reason(manifest, trt_backend.artifact, provider="tensorrt")
+            if ungated:
+                notes.append(f"UNGATED: {ungated}; running it only because allow_ungated/--allow-ungated was given")
+            return trt_backend, notes
         except (TensorRTUnavailable, BackendError, BundleError) as exc:
             if name == "tensorrt":
                 raise
@@ -96,10 +104,14 @@ def create_backend(
             "JetPack, elsewhere: pip install 'kimchi-edge[onnxruntime]'"
         ) from exc
 
-    art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision)
+    art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision, allow_ungated=allow_ungated, bundle=bundle_dir)
+    chosen_providers = gated_providers(manifest, art, providers, allow_ungated=allow_ungated, bundle=bundle_dir, notes=notes)
+    ungated = ungated_reason(manifest, art)
+    if ungated:
+        notes.append(f"UNGATED: {ungated}; running it only because allow_ungated/--allow-ungated was given")
     if verify:
         verify_artifact(bundle_dir, art)
-    return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=providers), notes
+    return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=chosen_providers), notes
 
 
 def _cuda_gpu_present() -> bool:
@@ -108,25 +120,92 @@ def _cuda_gpu_present() -> bool:
     return cuda_gpu_present()
 
 
-def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None) -> Artifact:
-    """Pick the ONNX artifact: the user's choice, else the manifest's recommendation, else FP32."""
+def ungated_reason(manifest: BundleManifest, art: Artifact, provider: str | None = None) -> str:
+    """'' when the accuracy gate passed ``art`` on this bundle (on ``provider`` when given); else why not, in words."""
+    gate = manifest.gate
+    if gate is None:
+        return f"the accuracy gate has never run on this bundle, so {art.name} is unverified"
+    if art.precision != "fp32":  # quantized or reduced from the FP32 model: it can't be trusted when that failed
+        for a in manifest.artifacts:
+            fv = gate.verdict(a.name) if a.precision == "fp32" and a.format == art.format else None
+            if fv is not None and fv.status == "fail":
+                return f"{a.name}, the model {art.name} was made from, {fv.in_words()}"
+    v = gate.verdict(art.name)
+    if v is None:
+        return f"{art.name} has no accuracy-gate verdict (it was added after the gate ran)"
+    if not v.passed:
+        return f"{art.name} {v.in_words()}" if v.status != "skipped" else f"{art.name} was {v.in_words()}"
+    if provider and v.providers and provider not in v.providers:
+        return f"{art.name} passed the gate on {', '.join(v.providers)}, not on {provider}"
+    return ""
+
+
+def _refuse(reason: str, bundle: Any) -> BundleError:
+    return BundleError(f"{reason} (see {Path(str(bundle)) / 'gate.md'}); re-check it here with kimchi-edge verify {bundle}, "
+                       "or load it anyway with allow_ungated=True / --allow-ungated")
+
+
+def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None,
+                         allow_ungated: bool = False, bundle: Any = "BUNDLE") -> Artifact:
+    """Pick the ONNX artifact to run: only one the accuracy gate passed, unless ``allow_ungated``.
+
+    Order: the user's choice; else the manifest's recommendation; else a passing FP32, then any passing artifact
+    (of ``precision`` when given).  A bundle whose FP32 artifact failed is refused: what was quantized from it can't
+    be trusted either.
+
+    Raises:
+        BundleError: no ONNX artifact, or none that passed (one line naming gate.md and the way out).
+        UsageError: the named artifact is not ONNX, or none in ``precision``.
+    """
     onnx = [a for a in manifest.artifacts if a.format == "onnx"]
     if artifact:
         art = manifest.artifact(artifact)
         if art.format != "onnx":
             raise UsageError(f"artifact {artifact!r} is {art.format}, not ONNX; ONNX artifacts: {[a.name for a in onnx]}")
+        reason = ungated_reason(manifest, art)
+        if reason and not allow_ungated:
+            raise _refuse(reason, bundle)
         return art
     if not onnx:
         raise BundleError(f"bundle has no ONNX artifact (has {[a.name for a in manifest.artifacts]}); re-run kimchi-edge convert")
     if precision:
-        for a in onnx:
-            if a.precision == precision:
-                return a
-        raise UsageError(f"bundle has no ONNX artifact in {precision}; it has {[(a.name, a.precision) for a in onnx]}")
+        onnx = [a for a in onnx if a.precision == precision]
+        if not onnx:
+            raise UsageError(f"bundle has no ONNX artifact in {precision}; it has "
+                             f"{[(a.name, a.precision) for a in manifest.artifacts if a.format == 'onnx']}")
     rec = manifest.recommended.get("onnxruntime")
-    if rec:
-        return manifest.artifact(rec)
-    for a in onnx:
-        if a.precision == "fp32":
-            return a
-    return onnx[0]
+    ordered = sorted(onnx, key=lambda a: (a.name != rec, a.precision != "fp32"))
+    fp32_failed = [a for a in onnx if a.precision == "fp32" and manifest.gate is not None
+                   and (v := manifest.gate.verdict(a.name)) is not None and v.status == "fail"]
+    if not allow_ungated:
+        if fp32_failed:
+            raise _refuse(ungated_reason(manifest, fp32_failed[0]) + "; the bundle does not classify like the learner", bundle)
+        for a in ordered:
+            if not ungated_reason(manifest, a):
+                return a
+        raise _refuse("no ONNX artifact of this bundle has passed the accuracy gate: "
+                      + "; ".join(ungated_reason(manifest, a) for a in ordered), bundle)
+    return ordered[0]
+
+
+def gated_providers(manifest: BundleManifest, art: Artifact, forced: list[str] | None, *, allow_ungated: bool,
+                    bundle: Any, notes: list[str]) -> list[str] | None:
+    """ONNX Runtime providers to use: those usable here that the gate passed ``art`` on (all of them with ``allow_ungated``).
+
+    Returns ``forced`` or the filtered list (``None`` = the backend's own choice, when nothing needs filtering).
+    """
+    from .onnxruntime_backend import usable_providers
+
+    verdict = manifest.gate.verdict(art.name) if manifest.gate else None
+    wanted = list(forced) if forced else usable_providers()
+    if allow_ungated or verdict is None or not verdict.providers:
+        return forced  # ungated load (already noted), or a verdict from before providers were recorded
+    allowed = [p for p in wanted if p in verdict.providers]
+    if not allowed:
+        raise _refuse(f"{art.name} passed the gate on {', '.join(verdict.providers)}, which is not available here "
+                      f"(here: {', '.join(wanted)})", bundle)
+    dropped = [p for p in wanted if p not in verdict.providers and p != "CPUExecutionProvider"]
+    if dropped and wanted[0] != allowed[0]:
+        notes.append(f"{', '.join(dropped)} not used: the gate scored {art.name} on {', '.join(verdict.providers)}; "
+                     f"run kimchi-edge verify {bundle} here to score it on {dropped[0]}")
+    return allowed

@@ -177,9 +177,11 @@ def choose_engine(
     artifact: str | None = None,
     precision: str | None = None,
     bundle: str | Path = "BUNDLE",
+    allow_ungated: bool = False,
 ) -> tuple[Artifact | None, list[str]]:
     """Pick the engine to run: the user's, else the manifest's recommendation, else int8 > fp16 > fp32.
 
+    Only engines the accuracy gate passed (on TensorRT) are candidates, unless ``allow_ungated``.
     Pure, like :func:`engine_mismatches`.
 
     Returns:
@@ -187,6 +189,7 @@ def choose_engine(
         per engine that was passed over.
     """
     engines = [a for a in manifest.artifacts if a.format == "tensorrt"]
+    engines_skipped: list[str] = []
     if artifact:
         engines = [a for a in engines if a.name == artifact]
     if precision:
@@ -194,9 +197,23 @@ def choose_engine(
     if not engines:
         what = f" named {artifact}" if artifact else f" in {precision}" if precision else ""
         return None, [f"the bundle has no TensorRT engine{what} (build one on the target: kimchi-edge build-engine {bundle} --fp16)"]
+    if not allow_ungated:
+        from . import ungated_reason
+
+        gated = []
+        for eng in engines:
+            why = ungated_reason(manifest, eng, provider="tensorrt")
+            if why:
+                reasons_ungated = f"{why}; score it here: kimchi-edge verify {bundle} --artifact {eng.name}"
+                engines_skipped.append(reasons_ungated)
+            else:
+                gated.append(eng)
+        engines = gated
+        if not engines:
+            return None, engines_skipped
     rec = manifest.recommended.get("tensorrt")
     engines.sort(key=lambda a: (a.name != rec, PRECISION_ORDER.index(a.precision) if a.precision in PRECISION_ORDER else 9))
-    reasons = []
+    reasons = list(engines_skipped)
     for eng in engines:
         problems = engine_mismatches(eng, manifest, installed, precision=precision)
         if not problems:
@@ -217,6 +234,7 @@ def create_tensorrt_backend(
     precision: str | None = None,
     verify: bool = True,
     installed: Mapping[str, Any] | None = None,
+    allow_ungated: bool = False,
 ) -> "TensorRTBackend":
     """Return a TensorRT backend for a compatible engine of the bundle.
 
@@ -230,7 +248,8 @@ def create_tensorrt_backend(
     """
     if installed is None:  # probe the GPU only when there is an engine to check it against
         installed = installed_facts() if any(a.format == "tensorrt" for a in manifest.artifacts) else {}
-    engine, reasons = choose_engine(manifest, installed, artifact=artifact, precision=precision, bundle=bundle_dir)
+    engine, reasons = choose_engine(manifest, installed, artifact=artifact, precision=precision, bundle=bundle_dir,
+                                    allow_ungated=allow_ungated)
     if engine is None:
         raise TensorRTUnavailable("; ".join(reasons))
     if verify:

@@ -147,7 +147,7 @@ def test_timings_and_facts(clf):
     assert facts["labels"] == ["빨강 red", "초록 green", "파랑 blue"]
     assert facts["input_size"] == "32×32"
     assert facts["backend"].startswith("onnxruntime (CPUExecutionProvider) · onnx-fp32")
-    assert facts["gate_short"] == "no gate report"
+    assert facts["gate_short"] == "gate passed"  # the shared colour bundle is gated for real
 
 
 def test_gate_summary_in_words_from_the_typed_manifest_entry():

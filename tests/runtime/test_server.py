@@ -119,7 +119,8 @@ def test_health_metadata_and_openapi(server):
     assert m["labels"] == list(COLOR_LABELS)
     assert m["input_size"] == [32, 32]
     assert m["backend"]["backend"] == "onnxruntime" and m["backend"]["artifact"] == "onnx-fp32"
-    assert m["gate"] == {} and m["limits"]["max_body_bytes"] == 20 * 1024 * 1024
+    assert m["gate"]["passed"] is True and m["gated"] is True and m["limits"]["max_body_bytes"] == 20 * 1024 * 1024
+    assert m["gate_in_words"][0].startswith("Accuracy gate passed on 9 validation images")
     spec = server.client.get("/openapi.json").json()
     content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"image/*", "application/octet-stream", "multipart/form-data"} <= set(content)

@@ -19,7 +19,7 @@ from kimchi_edge.runtime.backends.tensorrt_backend import (
     installed_facts,
 )
 from kimchi_edge.runtime.fsutil import sha256_file
-from kimchi_edge.runtime.manifest import Artifact, read_manifest, write_manifest
+from kimchi_edge.runtime.manifest import Artifact, GateVerdict, read_manifest, write_manifest
 from tests.conftest import COLOR_LABELS
 
 ORIN = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin", "cuda_driver": "12.6"}
@@ -35,9 +35,15 @@ def engine_entry(source: Artifact, precision="fp16", installed=ORIN, file=None, 
     )
 
 
+def gated(manifest, *engines: Artifact):
+    """The manifest as ``kimchi-edge verify`` leaves it after the engines passed the gate on TensorRT."""
+    verdicts = {**manifest.gate.artifacts, **{e.name: GateVerdict("pass", "", ("tensorrt",)) for e in engines}}
+    return manifest.replace(gate=dataclasses.replace(manifest.gate, artifacts=verdicts))
+
+
 def with_engine(manifest, *, precision="fp16", installed=ORIN, source="onnx-fp32"):
     eng = engine_entry(manifest.artifact(source), precision, installed)
-    return manifest.replace(artifacts=manifest.artifacts + (eng,)), eng
+    return gated(manifest.replace(artifacts=manifest.artifacts + (eng,)), eng), eng
 
 
 @pytest.fixture()
@@ -110,7 +116,7 @@ def bundle_with_engine(src, dst, installed=ORIN):
     (dst / "model.fp16.engine").write_bytes(b"not really an engine")
     m = read_manifest(dst)
     eng = engine_entry(m.artifact("onnx-fp32"), "fp16", installed, sha256=sha256_file(dst / "model.fp16.engine"))
-    write_manifest(dst, m.replace(artifacts=m.artifacts + (eng,), recommended={**m.recommended, "tensorrt": "trt-fp16"}))
+    write_manifest(dst, gated(m.replace(artifacts=m.artifacts + (eng,), recommended={**m.recommended, "tensorrt": "trt-fp16"}), eng))
     return dst
 
 
@@ -127,7 +133,20 @@ def test_convert_writes_what_the_runtime_checks(color_bundle, tmp_path):
     m = m.replace(artifacts=m.artifacts + (written,))
     assert engine_mismatches(written, m, ORIN) == []
     assert [p.split(":")[0] for p in engine_mismatches(written, m, {**ORIN, "tensorrt": "10.7.0"})] == ["TensorRT"]
-    assert choose_engine(m, ORIN)[0] == written
+    engine, reasons = choose_engine(m, ORIN, bundle="B")  # built but never gated: auto does not run it
+    assert engine is None and reasons == ["trt-fp16 has no accuracy-gate verdict (it was added after the gate ran); "
+                                          "score it here: kimchi-edge verify B --artifact trt-fp16"]
+    assert choose_engine(gated(m, written), ORIN)[0] == written
+    assert choose_engine(m, ORIN, allow_ungated=True)[0] == written
+
+
+def test_an_engine_that_failed_the_gate_is_not_chosen(manifest):
+    m, eng = with_engine(manifest)
+    failed = m.replace(gate=dataclasses.replace(m.gate, artifacts={**m.gate.artifacts, eng.name: GateVerdict("fail", "loses 3.00 points > 0.5")}))
+    engine, reasons = choose_engine(failed, ORIN, bundle="B")
+    assert engine is None and reasons[0].startswith("trt-fp16 failed: loses 3.00 points > 0.5")
+    cpu_only = m.replace(gate=dataclasses.replace(m.gate, artifacts={**m.gate.artifacts, eng.name: GateVerdict("pass", "", ("CPUExecutionProvider",))}))
+    assert choose_engine(cpu_only, ORIN)[0] is None  # passed, but not on TensorRT
 
 
 def test_auto_falls_back_to_onnxruntime_and_says_why(color_bundle, tmp_path):
