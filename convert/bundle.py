@@ -10,6 +10,7 @@ output folder) is checked before the learner is even loaded.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from contextlib import nullcontext
@@ -214,13 +215,27 @@ def bundle_from_run(
                                   fast_decode=fast_decode, quiet=quiet, log=log)
             except GateFailed as exc:
                 failure = exc
+                failed_dir = _keep_failed(tmp, plan.out)  # the previous bundle (if any) stays in place, untouched
             seconds["gate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     if failure is not None:
-        raise GateFailed(str(failure).replace(str(tmp), str(plan.out)))
+        kept = "the previous bundle is unchanged; " if plan.out.exists() else ""
+        raise GateFailed(f"{str(failure).replace(str(tmp), str(failed_dir))}; {kept}the failed bundle is kept for "
+                         f"inspection in {failed_dir}")
     from kimchi_edge.runtime.manifest import read_manifest
 
     return BundleResult(path=plan.out, manifest=read_manifest(plan.out), gate=report, seconds=seconds, notes=plan.notes)
+
+
+def _keep_failed(tmp: Path, out: Path) -> Path:
+    """Move a complete bundle that failed its gate to ``OUT.failed-gate`` (replacing an older one) instead of ``OUT``."""
+    import shutil
+
+    failed = out.with_name(f"{out.name}.failed-gate")
+    if failed.exists():
+        shutil.rmtree(failed)
+    os.replace(tmp, failed)
+    return failed
 
 
 @dataclass

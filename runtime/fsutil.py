@@ -75,13 +75,45 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
+    """Delete ``.NAME.partial-PID-*`` / ``.NAME.old-PID`` folders beside ``final`` left by a process that is gone.
+
+    A ``kill -9`` during :func:`atomic_directory` leaves one; the next run cleans it.  A folder whose process still
+    runs (a concurrent build) is left alone.  Returns what was removed.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        for p in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid_text = p.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside ``final`` and rename it into place at the end.
 
     If the body raises (or the process is killed) the partial folder never takes the final name, so
-    nothing half-written ever looks complete.  With ``overwrite`` an existing ``final`` is replaced
-    only after the new one is complete.
+    nothing half-written ever looks complete; the folder a killed process leaves (``.NAME.partial-PID-*``) is
+    removed by the next call.  With ``overwrite`` an existing ``final`` is replaced only after the new one is
+    complete.  To keep a finished folder *out* of the final place (e.g. a bundle that failed its gate), move the
+    temporary folder away inside the body: then nothing is renamed and ``final`` stays as it was.
 
     Yields:
         The temporary directory to write into.
@@ -90,10 +122,13 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it owner-only
     try:
         yield tmp
+        if not tmp.exists():  # the body moved it elsewhere on purpose
+            return
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

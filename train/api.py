@@ -1,21 +1,32 @@
-"""The training stage as a function: data folder -> run folder (see docs/DESIGN.md)."""
+"""The training stage as a function: data folder -> run folder (see docs/DESIGN.md and docs/TRAINING.md).
+
+:func:`train` reads like its steps: data (screened, test held out) -> device -> learner -> proof that
+the runtime's preprocessing matches fastai's -> learning rate -> fit -> evaluation on validation and
+test -> files (learner, model_meta.json, split.json, reports, summary).
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kimchi_edge.runtime.errors import DataError, UsageError
 from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json
-from kimchi_edge.runtime.manifest import MODEL_META_NAME, ModelMeta, to_dict
+from kimchi_edge.runtime.manifest import MODEL_META_NAME, SPLIT_NAME, ModelMeta, to_dict
 
 LEARNER_NAME = "learner.pkl"
-SPLIT_NAME = "split.json"
+METRIC_NAMES = ("valid_loss", "accuracy", "error_rate", "recall_macro", "precision_macro")  # learn.validate()'s order
+LR_FIND_MIN_ITERS = 20
+LR_FIND_MAX_ITERS = 100
+LR_FIND_EPOCHS = 2  # at most this many passes over the training set
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -32,25 +43,364 @@ class TrainConfig:
     min_scale: float = 0.75
     augment: float = 1.0
     flip: bool = True
+    max_rotate: float = 10.0
+    max_warp: float = 0.2
+    max_lighting: float = 0.2
     resize_method: str = "crop"
     valid_pct: float = 0.2
+    test_pct: float = 0.0
     seed: int = 42
     bs: int = 64
     epochs: int = 4
-    freeze_epochs: int = 1
+    freeze_epochs: int = 1  # 0: train every layer from the first epoch (one fit_one_cycle)
+    lr_mult: float = 100.0  # discriminative learning rates: first layer group gets lr / lr_mult
     lr: float | None = None  # None: lr_find's suggestion
     lr_find: bool = True
-    lr_find_iters: int = 100
+    lr_find_iters: int | None = None  # None: scaled to the data, see lr_find_iterations
     one_cycle_epochs: int = 0
     one_cycle_lr: float | None = None
     early_stop: int = 0  # patience in epochs, 0 = off
     max_images_per_class: int | None = None
     overwrite: bool = False
-    quiet: bool = False
+    quiet: bool = False  # nothing on the console: no progress bars, no lines
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: bool = True  # on GPU only
+    threads: int | None = None  # CPU intra-op threads; None: the cores the load average leaves free
     workers: int = 0
     top_losses: int = 9
+
+
+@dataclass
+class _Device:
+    torch_device: Any
+    cuda: bool
+    threads: int
+    description: str
+
+
+@dataclass
+class _Fit:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    schedule: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def lr_find_iterations(n_train: int, bs: int, requested: int | None = None) -> int:
+    """Iterations for ``lr_find``: ``requested``, else about two epochs' worth of batches within [20, 100].
+
+    fastai's default of 100 iterations at batch 64 is 6,400 images: 26 passes over a 244-image set,
+    longer than the training itself.  A learning-rate curve needs a few dozen points, not more passes.
+    """
+    if requested is not None:
+        if requested < 2:
+            raise UsageError(f"--lr-find-iters {requested}: expected at least 2")
+        return requested
+    batches = max(1, n_train // max(1, bs))  # the training DataLoader drops the last partial batch
+    return int(min(LR_FIND_MAX_ITERS, max(LR_FIND_MIN_ITERS, LR_FIND_EPOCHS * batches)))
+
+
+def planned_epochs(config: TrainConfig) -> int:
+    """Epochs the schedule will run (before early stopping)."""
+    n = (config.freeze_epochs + config.epochs) if (config.pretrained or config.weights) else config.epochs
+    return n + config.one_cycle_epochs
+
+
+def train(config: TrainConfig, *, log: Log | None = None) -> Path:
+    """Train, pick the best epoch by validation loss, export, and write reports.
+
+    The run folder is built under a temporary name and renamed at the end, so an interrupted run never
+    leaves a ``learner.pkl`` that looks complete.
+
+    Args:
+        config: the run's settings.
+        log: where progress lines go (default: stdout; nothing when ``config.quiet``).  fastai's
+            progress bars go to stdout, on a terminal only.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        DataError: unusable data (exit code 2, nothing written).
+        UsageError: bad options (exit code 2, nothing written).
+    """
+    t_start = time.time()
+    say: Log = (lambda msg: None) if config.quiet else (log or (lambda msg: print(msg, flush=True)))
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+    if planned_epochs(config) == 0:
+        raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
+    scan = _load_data(config, say)  # everything that can be checked without fastai happens first
+
+    from .third_party import importing_fastai
+
+    with importing_fastai():
+        from fastai.vision.all import set_seed
+
+    from . import reports as rep
+
+    rep.setup_matplotlib()
+    device = _setup_device(config)
+    set_seed(config.seed)  # split, head init and batch order: the same run gives the same learner
+
+    with atomic_directory(out, overwrite=config.overwrite) as run:
+        reports = run / "reports"
+        reports.mkdir()
+        learn, weights_source = _build_learner(config, scan, device, run, say)
+        spec, diff = _check_preprocessing(learn)
+        lr, lr_info = _choose_lr(learn, config, reports, say)
+        fit = _fit(learn, config, lr, say)
+        say("evaluating the exported epoch ...")
+        valid_metrics = _evaluate(learn, device)
+        test_metrics = _evaluate(learn, device, files=[f for f, _ in scan.test]) if scan.test else None
+        rep.interpretation(learn, reports, top_losses=config.top_losses)
+        rep.write_history(reports, fit.history)
+        rep.plot_history(reports, fit.history, fit.best_epoch)
+        _export(learn, run)
+
+        vocab = [str(v) for v in learn.dls.vocab]
+        meta = ModelMeta(labels=tuple(vocab), architecture=config.arch, preprocessing=spec, pretrained=weights_source,
+                         framework=_versions())
+        atomic_write_json(run / MODEL_META_NAME, to_dict(meta))
+        split = write_split(run / SPLIT_NAME, scan, learn, config)
+
+        wall = time.time() - t_start
+        metrics = {
+            **valid_metrics,
+            "test": test_metrics,
+            "n_train": len(split.train), "n_valid": len(split.valid), "n_test": len(split.test),
+            "best_epoch": fit.best_epoch,
+            "epochs_run": len(fit.history),
+            "lr": lr,
+            "lr_find": lr_info,
+            "wall_s": wall,
+            "fit_s": fit.seconds,
+            "device": device.description,
+            "preprocess_max_abs_diff_vs_fastai": diff,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        }
+        atomic_write_json(reports / "metrics.json", metrics)
+        rep.write_summary(run / "summary.md", {
+            "arch": config.arch, "data_root": str(scan.root), "labels": vocab, "n_train": len(split.train),
+            "n_valid": len(split.valid), "n_test": len(split.test), "layout": scan.layout, "valid_pct": config.valid_pct,
+            "test_pct": config.test_pct, "seed": config.seed, "excluded": scan.excluded, "pretrained": weights_source,
+            "item_size": config.item_size, "size": config.size, "mean": [round(v, 4) for v in spec.mean],
+            "std": [round(v, 4) for v in spec.std], "lr": lr, "lr_find": lr_info, "schedule": ", ".join(fit.schedule),
+            "device": device.description, "wall_s": wall, "metrics": valid_metrics, "test_metrics": test_metrics,
+            "best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "run_dir": str(out),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _load_data(config: TrainConfig, say: Log):
+    """Scan and screen the data folder, subsample, hold out the test split."""
+    from .data import hold_out_test, scan_dataset
+
+    if not 0 <= config.test_pct < 1:
+        raise UsageError(f"--test-pct must be between 0 and 1, got {config.test_pct}")
+    t0 = time.perf_counter()
+    scan = scan_dataset(config.data, quiet=config.quiet)
+    scan.train = _subsample(scan.train, config.max_images_per_class, config.seed)
+    scan.valid = _subsample(scan.valid, config.max_images_per_class, config.seed)
+    scan.test = _subsample(scan.test, config.max_images_per_class, config.seed)
+    if scan.layout == "random" and config.valid_pct + config.test_pct >= 1:
+        raise UsageError(f"--valid-pct {config.valid_pct} + --test-pct {config.test_pct} leave nothing to train on")
+    scan = hold_out_test(scan, config.test_pct, config.seed)
+    n = len(scan.train) + len(scan.valid) + len(scan.test)
+    say(f"data: {n} images in {len(scan.classes)} classes screened in {time.perf_counter() - t0:.1f} s"
+        + (f", {len(scan.excluded)} unreadable left out" if scan.excluded else "")
+        + (f"; {len(scan.test)} held out for testing" if scan.test else ""))
+    return scan
+
+
+def _setup_device(config: TrainConfig) -> _Device:
+    import torch
+
+    from .cpu import cpu_count, setup_cpu_training
+
+    use_cuda = torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no CUDA GPU")
+    if config.threads is not None and config.threads < 1:
+        raise UsageError(f"--threads {config.threads}: expected at least 1")
+    if use_cuda:
+        return _Device(torch.device("cuda"), True, torch.get_num_threads(), f"cuda ({torch.cuda.get_device_name()})")
+    n = setup_cpu_training(config.threads)
+    return _Device(torch.device("cpu"), False, n, f"cpu ({n} of {cpu_count()} cores)")
+
+
+def _metrics() -> list:
+    """accuracy, error rate, macro recall and precision (zero, not a warning, for a class never predicted)."""
+    import sklearn.metrics as skm
+    from fastai.vision.all import accuracy, error_rate, skm_to_fastai
+
+    return [accuracy, error_rate,
+            skm_to_fastai(skm.recall_score, average="macro", zero_division=0, name="recall_macro"),
+            skm_to_fastai(skm.precision_score, average="macro", zero_division=0, name="precision_macro")]
+
+
+def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: Log):
+    from .archs import learner_for_arch
+    from .data import make_dataloaders
+
+    valid_pct = config.valid_pct / (1 - config.test_pct) if scan.layout == "random" else config.valid_pct
+    dls = make_dataloaders(
+        scan, item_size=config.item_size, size=config.size, min_scale=config.min_scale, augment=config.augment,
+        flip=config.flip, max_rotate=config.max_rotate, max_warp=config.max_warp, max_lighting=config.max_lighting,
+        resize_method=config.resize_method, valid_pct=valid_pct, seed=config.seed, bs=config.bs,
+        num_workers=config.workers, device=device.torch_device,
+    )
+    learn, weights_source = learner_for_arch(
+        dls, config.arch, pretrained=config.pretrained, weights=config.weights, metrics=_metrics(), path=run
+    )
+    if device.cuda and config.mixed_precision:
+        learn.to_channelslast()  # channels_last + mixed precision (fastai's ChannelsLast/MixedPrecision)
+    from fastcore.basics import noop
+
+    learn.logger = noop  # fastai's table numbers each fit's epochs from 0; History prints one line per epoch instead
+    if config.quiet or not sys.stdout.isatty():
+        from fastai.callback.progress import ProgressCallback
+
+        learn.remove_cb(ProgressCallback)
+    say(f"model: {config.arch} ({weights_source or 'random init'}), {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images "
+        f"at {config.size} px, batch {config.bs}, on {device.description}")
+    return learn, weights_source
+
+
+def _check_preprocessing(learn):
+    """What the runtime will do, read from the pipeline and proven on real validation files."""
+    from .spec import compare_with_fastai, preprocessing_from_dls
+
+    spec = preprocessing_from_dls(learn.dls)
+    probe = list(learn.dls.valid_ds.items)[:4]
+    diff = compare_with_fastai(learn.dls, spec, probe)
+    if diff > (0.51 if spec.dtype == "uint8" else 0.01):
+        raise DataError(f"runtime preprocessing differs from fastai's by {diff:.2f}/255 on {probe[0]}; please report this")
+    return spec, diff
+
+
+def _choose_lr(learn, config: TrainConfig, reports: Path, say: Log) -> tuple[float, dict[str, float]]:
+    """The given ``--lr``, else lr_find's valley suggestion (plotted to ``reports/lr_find.png``)."""
+    from fastai.vision.all import minimum, steep, valley
+
+    from . import reports as rep
+
+    if config.lr is not None or not config.lr_find:
+        return float(config.lr or 2e-3), {}
+    iters = lr_find_iterations(len(learn.dls.train_ds), config.bs, config.lr_find_iters)
+    if not config.freeze_epochs:
+        learn.unfreeze()  # find the rate for the model that will be trained: all layers
+    say(f"lr_find: {iters} iterations ...")
+    t0 = time.perf_counter()
+    sug = learn.lr_find(suggest_funcs=(minimum, steep, valley), show_plot=True, num_it=iters)
+    rep.save_current_figure(reports / "lr_find.png")
+    info = {k: float(v) for k, v in sug._asdict().items()}
+    lr = info.get("valley") or 2e-3
+    if not math.isfinite(lr):
+        lr = 2e-3
+    say(f"lr_find: {iters} iterations in {time.perf_counter() - t0:.0f} s; valley {lr:.1e} (used), minimum/10 {info.get('minimum', float('nan')):.1e}")
+    return float(lr), info
+
+
+def _fit(learn, config: TrainConfig, lr: float, say: Log) -> _Fit:
+    """fine_tune (or fit_one_cycle from scratch), then the optional extra fit_one_cycle; best epoch kept."""
+    from fastai.callback.tracker import EarlyStoppingCallback
+
+    from .callbacks import BestModelSaver, History
+
+    total = planned_epochs(config)
+    saver = BestModelSaver(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False)
+    history = History(total, saver, say)
+    cbs: list[Any] = [saver]
+    if config.early_stop:
+        cbs.append(EarlyStoppingCallback(monitor="valid_loss", patience=config.early_stop, reset_on_fit=False))
+    learn.add_cb(history)
+    schedule = []
+    t0 = time.perf_counter()
+    say(f"training: {total} epochs")
+    if (config.pretrained or config.weights) and config.freeze_epochs:
+        history.phases = ["frozen", "unfrozen"]
+        learn.fine_tune(config.epochs, base_lr=lr, freeze_epochs=config.freeze_epochs, lr_mult=config.lr_mult, cbs=cbs)
+        schedule.append(f"fine_tune({config.epochs}, base_lr={lr:.1e}, freeze_epochs={config.freeze_epochs}, lr_mult={config.lr_mult:g})")
+    elif config.pretrained or config.weights:  # every layer from the start: one cycle, discriminative lr if lr_mult > 1
+        history.phases = ["unfrozen"]
+        learn.unfreeze()
+        lrs = slice(lr / config.lr_mult, lr) if config.lr_mult != 1 else lr
+        learn.fit_one_cycle(config.epochs, lrs, cbs=cbs)
+        schedule.append(f"unfreeze, fit_one_cycle({config.epochs}, lr_max={lr:.1e}" + (f", lr_mult={config.lr_mult:g})" if config.lr_mult != 1 else ")"))
+    elif config.epochs:
+        history.phases = ["scratch"]
+        learn.fit_one_cycle(config.epochs, lr, cbs=cbs)
+        schedule.append(f"fit_one_cycle({config.epochs}, {lr:.1e}) from scratch")
+    if config.one_cycle_epochs:
+        history.phases = ["one_cycle"]
+        lr_max = config.one_cycle_lr or lr / 10
+        learn.fit_one_cycle(config.one_cycle_epochs, slice(lr_max / 10, lr_max), cbs=cbs)
+        schedule.append(f"fit_one_cycle({config.one_cycle_epochs}, lr_max={lr_max:.1e})")
+    learn.remove_cb(history)
+    rows = history.rows
+    if not rows:
+        raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
+    best = min(range(len(rows)), key=lambda i: (rows[i]["valid_loss"], i))  # what the saver kept, by its rule
+    return _Fit(rows, best, schedule, time.perf_counter() - t0)
+
+
+def _evaluate(learn, device: _Device, files: list[Path] | None = None) -> dict[str, float]:
+    """Loss and metrics of the current (best) weights on the validation split, or on ``files`` (the test split)."""
+    if device.cuda:
+        learn.to_contiguous(to_fp32=True)
+    dl = None if files is None else learn.dls.test_dl(files, with_labels=True)
+    vals = learn.validate(dl=dl)
+    out = {n: float(v) for n, v in zip(METRIC_NAMES, vals)}
+    if files is not None:
+        out = {("loss" if k == "valid_loss" else k): v for k, v in out.items()}
+    return out
+
+
+def _export(learn, run: Path) -> None:
+    """The learner without the run's callbacks or checkpoint, as ``learner.pkl``."""
+    learn.remove_cbs([c for c in learn.cbs if type(c).__name__ in ("BestModelSaver", "EarlyStoppingCallback")])
+    (run / "models" / "best.pth").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (run / "models").rmdir()
+    learn.path = run
+    learn.export(LEARNER_NAME)
+
+
+def write_split(path: Path, scan, learn, config: TrainConfig):
+    """Write ``split.json``: the exact files of train, valid (chose the epoch, gated) and test (never chose anything).
+
+    Returns:
+        The :class:`kimchi_edge.runtime.manifest.Split` written.
+    """
+    from kimchi_edge.runtime.manifest import Item, Split, write_typed
+
+    labels_by_file = {f: lab for f, lab in scan.train + scan.valid + scan.test}
+
+    def items(files) -> tuple[Item, ...]:
+        return tuple(Item(scan.relative(Path(f)), labels_by_file[Path(f)]) for f in files)
+
+    split = Split(
+        data_root=str(scan.root),
+        layout=scan.layout,
+        seed=config.seed,
+        valid_pct=config.valid_pct if scan.layout == "random" else None,
+        test_pct=config.test_pct or None,
+        vocab=tuple(str(v) for v in learn.dls.vocab),
+        train=items(learn.dls.train_ds.items),
+        valid=items(learn.dls.valid_ds.items),
+        test=items(f for f, _ in scan.test),
+        excluded=tuple(scan.excluded),
+    )
+    write_typed(path, split)
+    return split
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _versions() -> dict[str, str]:
@@ -83,208 +433,4 @@ def _subsample(items: list, per_class: int | None, seed: int) -> list:
         group = by[lab]
         rng.shuffle(group)
         out += sorted(group[:per_class])
-    return out
-
-
-def _make_history_cb():
-    from fastai.callback.core import Callback
-
-    class History(Callback):
-        """Keeps one row per epoch across fine_tune's two fits and fit_one_cycle."""
-
-        order = 60  # after Recorder
-
-        def __init__(self, quiet: bool):
-            self.rows: list[dict[str, Any]] = []
-            self.phases: list[str] = []
-            self.phase = ""
-            self.quiet = quiet
-
-        def before_fit(self):
-            self.phase = self.phases.pop(0) if self.phases else "fit"
-
-        def after_epoch(self):
-            rec = self.learn.recorder
-            names = [n for n in rec.metric_names[1:-1]]  # drop 'epoch' and 'time'
-            vals = rec.values[-1] if rec.values else []
-            row: dict[str, Any] = {"epoch": len(self.rows), "phase": self.phase}
-            for n, v in zip(names, vals):
-                row[n] = float(v) if v is not None else None
-            self.rows.append(row)
-            if self.quiet:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
-                print(f"epoch {row['epoch']} ({self.phase}): {shown}", flush=True)
-
-    return History
-
-
-def train(config: TrainConfig) -> Path:
-    """Train, pick the best epoch by validation loss, export, and write reports.
-
-    The run folder is built under a temporary name and renamed at the end, so an interrupted run never
-    leaves a ``learner.pkl`` that looks complete.
-
-    Returns:
-        The run folder.
-
-    Raises:
-        DataError: unusable data (exit code 2, nothing written).
-        UsageError: bad options (exit code 2, nothing written).
-    """
-    t_start = time.time()
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
-    # everything that can be checked without heavy imports happens before anything is written
-    from .data import scan_dataset
-
-    scan = scan_dataset(config.data)
-    scan.train = _subsample(scan.train, config.max_images_per_class, config.seed)
-    scan.valid = _subsample(scan.valid, config.max_images_per_class, config.seed)
-
-    import torch
-    from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
-    from fastai.vision.all import Precision, Recall, accuracy, error_rate, minimum, set_seed, steep, valley
-
-    from . import reports as rep
-    from .archs import learner_for_arch
-    from .data import make_dataloaders
-    from .spec import compare_with_fastai, preprocessing_from_dls
-
-    rep.setup_matplotlib()
-    use_cuda = torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but torch sees no CUDA GPU")
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if not use_cuda:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-
-    set_seed(config.seed)  # split, head init and batch order: the same run gives the same learner
-
-    with atomic_directory(out, overwrite=config.overwrite) as run:
-        reports = run / "reports"
-        reports.mkdir()
-        dls = make_dataloaders(
-            scan, item_size=config.item_size, size=config.size, min_scale=config.min_scale, augment=config.augment,
-            flip=config.flip, resize_method=config.resize_method, valid_pct=config.valid_pct, seed=config.seed, bs=config.bs,
-            num_workers=config.workers, device=device,
-        )
-        metrics = [accuracy, error_rate, Recall(average="macro"), Precision(average="macro")]
-        learn, weights_source = learner_for_arch(
-            dls, config.arch, pretrained=config.pretrained, weights=config.weights, metrics=metrics, path=run
-        )
-        if use_cuda and config.mixed_precision:
-            learn.to_channelslast()  # channels_last + mixed precision (fastai's ChannelsLast/MixedPrecision)
-        quiet = config.quiet or not sys.stdout.isatty()
-        if quiet:
-            from fastai.callback.progress import ProgressCallback
-            from fastcore.basics import noop
-
-            learn.remove_cb(ProgressCallback)
-            learn.logger = noop  # History prints one readable line per epoch instead
-
-        # what the runtime will do, read from the pipeline and proven on real validation files
-        spec = preprocessing_from_dls(learn.dls)
-        probe = [f for f in list(learn.dls.valid_ds.items)[:4]]
-        diff = compare_with_fastai(learn.dls, spec, probe)
-        if diff > (0.51 if spec.dtype == "uint8" else 0.01):
-            raise DataError(f"runtime preprocessing differs from fastai's by {diff:.2f}/255 on {probe[0]}; please report this")
-
-        lr_info: dict[str, float] = {}
-        lr = config.lr
-        if config.lr_find and lr is None:
-            sug = learn.lr_find(suggest_funcs=(minimum, steep, valley), show_plot=True, num_it=config.lr_find_iters)
-            rep.save_current_figure(reports / "lr_find.png")
-            lr_info = {k: float(v) for k, v in sug._asdict().items()}
-            lr = lr_info.get("valley") or 2e-3
-        lr = float(lr or 2e-3)
-
-        history_cb = _make_history_cb()(quiet)
-        saver = SaveModelCallback(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False)
-        cbs: list[Any] = [saver]
-        if config.early_stop:
-            cbs.append(EarlyStoppingCallback(monitor="valid_loss", patience=config.early_stop, reset_on_fit=False))
-        learn.add_cb(history_cb)
-        schedule = []
-        if config.pretrained or config.weights:
-            history_cb.phases = ["frozen", "unfrozen"]
-            learn.fine_tune(config.epochs, base_lr=lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
-            schedule.append(f"fine_tune({config.epochs}, base_lr={lr:.1e}, freeze_epochs={config.freeze_epochs})")
-        elif config.epochs:
-            history_cb.phases = ["scratch"]
-            learn.fit_one_cycle(config.epochs, lr, cbs=cbs)
-            schedule.append(f"fit_one_cycle({config.epochs}, {lr:.1e}) from scratch")
-        if config.one_cycle_epochs:
-            history_cb.phases = ["one_cycle"]
-            lr_max = config.one_cycle_lr or lr / 10
-            learn.fit_one_cycle(config.one_cycle_epochs, slice(lr_max / 10, lr_max), cbs=cbs)
-            schedule.append(f"fit_one_cycle({config.one_cycle_epochs}, lr_max={lr_max:.1e})")
-        learn.remove_cb(history_cb)
-        history = history_cb.rows
-        if not history:
-            raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
-        best_epoch = min(range(len(history)), key=lambda i: (history[i]["valid_loss"], i))
-
-        # saver has loaded the best weights at the end of each fit; measure them
-        if use_cuda and config.mixed_precision:
-            learn.to_contiguous(to_fp32=True)
-        vals = learn.validate()
-        names = ["valid_loss", "accuracy", "error_rate", "recall_macro", "precision_macro"]
-        final = {n: float(v) for n, v in zip(names, vals)}
-
-        rep.interpretation(learn, reports, top_losses=config.top_losses)
-        rep.write_history(reports, history)
-        rep.plot_history(reports, history, best_epoch)
-
-        learn.remove_cbs([c for c in learn.cbs if type(c).__name__ in ("SaveModelCallback", "EarlyStoppingCallback")])
-        (run / "models" / "best.pth").unlink(missing_ok=True)
-        try:
-            (run / "models").rmdir()
-        except OSError:
-            pass
-        learn.path = run
-        learn.export(LEARNER_NAME)
-
-        vocab = [str(v) for v in learn.dls.vocab]
-        meta = ModelMeta(labels=tuple(vocab), architecture=config.arch, preprocessing=spec, pretrained=weights_source,
-                         framework=_versions())
-        atomic_write_json(run / MODEL_META_NAME, to_dict(meta))
-
-        def entries(items) -> list[dict[str, str]]:
-            return [{"file": scan.relative(Path(f)), "label": labels_by_file[Path(f)]} for f in items]
-
-        labels_by_file = {f: lab for f, lab in scan.train + scan.valid}
-        split = {
-            "data_root": str(scan.root),
-            "layout": scan.layout,
-            "seed": config.seed,
-            "valid_pct": config.valid_pct if scan.layout == "random" else None,
-            "vocab": vocab,
-            "train": entries(learn.dls.train_ds.items),
-            "valid": entries(learn.dls.valid_ds.items),
-            "excluded": scan.excluded,
-        }
-        atomic_write_json(run / SPLIT_NAME, split)
-
-        wall = time.time() - t_start
-        metrics_out = {
-            **final,
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "lr": lr,
-            "lr_find": lr_info,
-            "wall_s": wall,
-            "device": str(device) + (f" ({torch.cuda.get_device_name()})" if use_cuda else f" ({torch.get_num_threads()} threads)"),
-            "preprocess_max_abs_diff_vs_fastai": diff,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        }
-        atomic_write_json(reports / "metrics.json", metrics_out)
-        rep.write_summary(run / "summary.md", {
-            "arch": config.arch, "data_root": str(scan.root), "labels": vocab, "n_train": len(split["train"]),
-            "n_valid": len(split["valid"]), "layout": scan.layout, "valid_pct": config.valid_pct, "seed": config.seed,
-            "excluded": scan.excluded, "pretrained": weights_source, "item_size": config.item_size, "size": config.size,
-            "mean": [round(v, 4) for v in spec.mean], "std": [round(v, 4) for v in spec.std], "lr": lr,
-            "lr_find": lr_info, "schedule": ", ".join(schedule), "device": metrics_out["device"], "wall_s": wall,
-            "metrics": final, "best_epoch": best_epoch, "epochs_run": len(history), "run_dir": str(out),
-        })
     return out

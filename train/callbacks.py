@@ -47,16 +47,12 @@ class History(Callback):
         self._seconds: list[float] = []
 
     def before_fit(self) -> None:
-        if getattr(self.learn, "lr_finder", None) is not None:  # lr_find is a fit too; it is not an epoch
-            return
         self.phase = self.phases.pop(0) if self.phases else "fit"
 
     def before_epoch(self) -> None:
         self._t0 = time.perf_counter()
 
     def after_epoch(self) -> None:
-        if getattr(self.learn, "lr_finder", None) is not None:
-            return
         rec = self.learn.recorder
         names = list(rec.metric_names[1:-1])  # drop 'epoch' and 'time'
         vals = rec.values[-1] if rec.values else []

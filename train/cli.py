@@ -1,17 +1,21 @@
 """Train a fastai image classifier on a folder-per-class dataset and write a run folder.
 
 DATA is either DATA/<class>/<images> (random split) or DATA/train/<class>/... + DATA/valid/<class>/...
-(split as given). The run folder holds the exported learner (best epoch by validation loss),
-split.json, model_meta.json and reports/ (plots and tables). Next step: kimchi-edge convert RUN_DIR.
+(split as given), optionally with DATA/test/<class>/... (or --test-pct) for a held-out test split.
+The run folder holds the exported learner (best epoch by validation loss), split.json,
+model_meta.json and reports/ (plots and tables). Next step: kimchi-edge convert RUN_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from kimchi_edge.runtime.cliutil import add_output_args
     from kimchi_edge.train.archs_names import ARCHS
 
     p.add_argument("data", type=Path, help="dataset folder (folder per class, or train/ + valid/)")
@@ -25,24 +29,36 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-scale", type=float, default=0.75, help="aug_transforms min_scale (default 0.75)")
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength multiplier; 0 = off (default 1)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
+    p.add_argument("--max-rotate", type=float, default=10.0, help="aug_transforms max_rotate in degrees (default 10)")
+    p.add_argument("--max-warp", type=float, default=0.2, help="aug_transforms max_warp (default 0.2)")
+    p.add_argument("--max-lighting", type=float, default=0.2, help="aug_transforms max_lighting (default 0.2)")
     p.add_argument("--resize-method", choices=("crop", "squish"), default="crop")
     p.add_argument("--valid-pct", type=float, default=0.2, help="validation share for a random split (default 0.2)")
+    p.add_argument("--test-pct", type=float, default=0.0,
+                   help="hold out this share of the images (per class) as a test split that chooses nothing (default 0; "
+                        "a DATA/test/ folder does the same)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bs", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--epochs", type=int, default=4, help="fine_tune epochs after the frozen ones (default 4)")
-    p.add_argument("--freeze-epochs", type=int, default=1, help="frozen-body epochs of fine_tune (default 1)")
+    p.add_argument("--freeze-epochs", type=int, default=1,
+                   help="frozen-body epochs of fine_tune (default 1; 0: all layers train from the start, one fit_one_cycle)")
+    p.add_argument("--lr-mult", type=float, default=100.0,
+                   help="discriminative learning rates: the first layers get lr / LR_MULT (fine_tune's default 100; 1 = one rate)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: lr_find's valley suggestion)")
     p.add_argument("--no-lr-find", dest="lr_find", action="store_false", help="skip lr_find (uses --lr or 2e-3)")
-    p.add_argument("--lr-find-iters", type=int, default=100)
+    p.add_argument("--lr-find-iters", type=int, default=None,
+                   help="lr_find iterations (default: two epochs' worth of batches, within 20..100)")
     p.add_argument("--one-cycle-epochs", type=int, default=0, help="extra fit_one_cycle epochs after fine_tune")
     p.add_argument("--one-cycle-lr", type=float, default=None, help="lr_max of the extra fit_one_cycle")
     p.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE", help="stop after PATIENCE epochs without a better valid loss")
     p.add_argument("--max-images-per-class", type=int, default=None, help="use at most this many images per class and split")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false", help="GPU: train in fp32")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for training (default: the cores the load average leaves free, at least 1)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: decode in the main process)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only once the new one is complete)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
+    add_output_args(p, json_help="the run folder and its validation and test metrics")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -52,21 +68,45 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         data=args.data, out=out, arch=args.arch, pretrained=args.pretrained, weights=args.weights,
         item_size=args.item_size, size=args.size, min_scale=args.min_scale, augment=args.augment, flip=args.flip,
-        resize_method=args.resize_method, valid_pct=args.valid_pct, seed=args.seed, bs=args.bs, epochs=args.epochs,
-        freeze_epochs=args.freeze_epochs, lr=args.lr, lr_find=args.lr_find, lr_find_iters=args.lr_find_iters,
+        max_rotate=args.max_rotate, max_warp=args.max_warp, max_lighting=args.max_lighting,
+        resize_method=args.resize_method, valid_pct=args.valid_pct, test_pct=args.test_pct, seed=args.seed, bs=args.bs,
+        epochs=args.epochs,
+        freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult, lr=args.lr, lr_find=args.lr_find, lr_find_iters=args.lr_find_iters,
         one_cycle_epochs=args.one_cycle_epochs, one_cycle_lr=args.one_cycle_lr, early_stop=args.early_stop,
         max_images_per_class=args.max_images_per_class, overwrite=args.overwrite, quiet=args.quiet,
-        device=args.device, mixed_precision=args.mixed_precision, workers=args.workers,
+        device=args.device, mixed_precision=args.mixed_precision, threads=args.threads, workers=args.workers,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from kimchi_edge.runtime.errors import require
+def result_doc(run_dir: Path) -> dict:
+    """The ``--json`` result: the run folder and ``reports/metrics.json`` without the echoed config."""
+    from kimchi_edge.runtime.fsutil import read_json
 
-    require("fastai.vision.all", extra="train", purpose="kimchi-edge train")
+    metrics = read_json(run_dir / "reports" / "metrics.json")
+    metrics.pop("config", None)
+    return {"run_dir": str(run_dir), **metrics, "next": f"kimchi-edge convert {run_dir}"}
+
+
+@contextlib.contextmanager
+def progress_to_stderr(args: argparse.Namespace):
+    """With ``--json``, whatever fastai prints (progress bars) goes to stderr: stdout carries only the JSON."""
+    if getattr(args, "json", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    else:
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    from kimchi_edge.runtime.cliutil import emit, progress_log
+    from kimchi_edge.runtime.errors import require
+    from kimchi_edge.train.third_party import importing_fastai
+
+    with importing_fastai():
+        require("fastai.vision.all", extra="train", purpose="kimchi-edge train")
     from kimchi_edge.train.api import train
 
-    run_dir = train(config_from_args(args))
-    summary = (run_dir / "summary.md").read_text(encoding="utf-8")
-    print(summary)
+    with progress_to_stderr(args):
+        run_dir = train(config_from_args(args), log=progress_log(args))
+    emit(args, result_doc(run_dir), (run_dir / "summary.md").read_text(encoding="utf-8"))
     return 0

@@ -214,6 +214,9 @@ def make_dataloaders(
     min_scale: float = 0.75,
     augment: float = 1.0,
     flip: bool = True,
+    max_rotate: float = 10.0,
+    max_warp: float = 0.2,
+    max_lighting: float = 0.2,
     resize_method: str = "crop",
     valid_pct: float = 0.2,
     seed: int = 42,
@@ -224,7 +227,8 @@ def make_dataloaders(
     """The seeds' DataBlock: ``Resize(item_size)`` presizing + ``aug_transforms(size, min_scale)``.
 
     ``augment`` scales the augmentation strength (``aug_transforms(mult=augment)``); 0 turns it off;
-    ``flip=False`` for data where a mirror image is another class (digits, text).
+    ``flip=False`` for data where a mirror image is another class (digits, text); ``max_rotate``
+    (degrees), ``max_warp`` and ``max_lighting`` are aug_transforms' own (before ``mult``).
     Normalisation is added by ``vision_learner`` from the architecture's pretrained statistics (and
     read back from the pipeline afterwards, see :func:`kimchi_edge.train.spec.preprocessing_from_dls`).
     """
@@ -252,7 +256,8 @@ def make_dataloaders(
         roots = [scan.root]
     batch_tfms = []
     if augment > 0:
-        batch_tfms = aug_transforms(size=size, min_scale=min_scale, mult=augment, do_flip=flip)
+        batch_tfms = aug_transforms(size=size, min_scale=min_scale, mult=augment, do_flip=flip, max_rotate=max_rotate,
+                                    max_warp=max_warp, max_lighting=max_lighting)
     elif size != item_size:
         batch_tfms = aug_transforms(size=size, min_scale=min_scale, do_flip=False, max_rotate=0, max_zoom=1,
                                     max_lighting=0, max_warp=0)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from kimchi_edge.runtime.preprocess import decode_image
 
+from .third_party import importing_fastai
+
 try:  # fastai present: the image type training decodes with (same decoder as the runtime)
-    from fastai.vision.core import PILImage
+    with importing_fastai():
+        from fastai.vision.core import PILImage
     from numpy import ndarray
     from PIL import Image
     from torch import Tensor

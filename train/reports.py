@@ -97,13 +97,24 @@ def write_classification_report(reports: Path, rows: list[dict[str, Any]]) -> No
 
 
 def interpretation(learn, reports: Path, *, top_losses: int = 9) -> dict[str, Any]:
-    """Confusion matrix, top losses, most confused and the per-class report for the validation set."""
+    """Confusion matrix, top losses, most confused and the per-class report for the validation set.
+
+    The model runs over the validation set once; fastai's ``ClassificationInterpretation`` would run
+    it again for every confusion matrix it draws or reads (three times here).
+    """
     import matplotlib.pyplot as plt
+    import numpy as np
     from fastai.vision.all import ClassificationInterpretation
 
     vocab = list(learn.dls.vocab)
-    interp = ClassificationInterpretation.from_learner(learn)
     n = len(vocab)
+    dl = learn.dls.valid.new(shuffle=False, drop_last=False)
+    preds, targs, losses = learn.get_preds(dl=dl, with_loss=True)
+    decoded = preds.argmax(dim=1)
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (targs.numpy().astype(int), decoded.numpy().astype(int)), 1)
+    interp = ClassificationInterpretation(learn, dl, losses)
+    interp.confusion_matrix = lambda: cm  # the one pass above, instead of a new one per call
     interp.plot_confusion_matrix(figsize=(max(5, 0.6 * n + 3),) * 2, dpi=80)
     save_current_figure(reports / "confusion_matrix.png")
     k = min(top_losses, len(interp.losses))
@@ -113,10 +124,24 @@ def interpretation(learn, reports: Path, *, top_losses: int = 9) -> dict[str, An
     plt.close("all")
     confused = [{"actual": a, "predicted": p, "count": int(c)} for a, p, c in interp.most_confused(min_val=1)]
     atomic_write_json(reports / "most_confused.json", confused)
-    _, targs, decoded = learn.get_preds(dl=interp.dl, with_decoded=True)
     rows = classification_report(targs.tolist(), decoded.tolist(), vocab)
     write_classification_report(reports, rows)
     return {"most_confused": confused, "classification_report": rows}
+
+
+def metrics_table(valid: dict[str, float], test: dict[str, float] | None) -> list[str]:
+    """Markdown rows: one column for validation, one for test when there is a test split."""
+    rows = [("accuracy", "accuracy"), ("error_rate", "error_rate"), ("macro recall", "recall_macro"),
+            ("macro precision", "precision_macro"), ("loss", None)]
+    head = ["| metric | validation |" + (" test |" if test else ""), "|---|---|" + ("---|" if test else "")]
+    out = []
+    for title, key in rows:
+        v = valid["valid_loss"] if key is None else valid[key]
+        cell = f"| {title} | {v:.4f} |"
+        if test:
+            cell += f" {test['loss'] if key is None else test[key]:.4f} |"
+        out.append(cell)
+    return head + out
 
 
 def write_summary(path: Path, info: dict[str, Any]) -> None:
@@ -126,8 +151,10 @@ def write_summary(path: Path, info: dict[str, Any]) -> None:
         f"# Training run: {info['arch']} on {info['data_root']}",
         "",
         f"- classes ({len(info['labels'])}): {', '.join(info['labels'])}",
-        f"- images: {info['n_train']} train / {info['n_valid']} valid ({info['layout']} split"
-        + (f", valid_pct={info['valid_pct']}, seed={info['seed']}" if info["layout"] == "random" else "") + ")",
+        f"- images: {info['n_train']} train / {info['n_valid']} valid / {info.get('n_test', 0)} test ({info['layout']} split"
+        + (f", valid_pct={info['valid_pct']}" if info["layout"] == "random" else "")
+        + (f", test_pct={info['test_pct']}" if info.get("test_pct") else "")
+        + (f", seed={info['seed']}" if info["layout"] == "random" or info.get("test_pct") else "") + ")",
         f"- left out as unreadable: {len(info['excluded'])}" + (" (see split.json)" if info["excluded"] else ""),
         f"- starting weights: {info['pretrained'] or 'random init'}",
         f"- input: Resize({info['item_size']}) then {info['size']} px; mean {info['mean']}, std {info['std']}",
@@ -135,18 +162,14 @@ def write_summary(path: Path, info: dict[str, Any]) -> None:
         f"- schedule: {info['schedule']}",
         f"- device: {info['device']}; wall time {info['wall_s']:.0f} s",
         "",
-        "## Validation (exported epoch {})".format(info["best_epoch"]),
+        "## Results (exported epoch {})".format(info["best_epoch"]),
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {m['accuracy']:.4f} |",
-        f"| error_rate | {m['error_rate']:.4f} |",
-        f"| macro recall | {m['recall_macro']:.4f} |",
-        f"| macro precision | {m['precision_macro']:.4f} |",
-        f"| valid loss | {m['valid_loss']:.4f} |",
+        *metrics_table(m, info.get("test_metrics")),
         "",
         "The exported learner is the epoch with the lowest validation loss"
-        + (f" (epoch {info['best_epoch']} of {info['epochs_run']})." if info["best_epoch"] is not None else "."),
+        + (f" (epoch {info['best_epoch']}, counting from 0, of {info['epochs_run']})." if info["best_epoch"] is not None else ".")
+        + (" The test images chose nothing: their accuracy is the one to quote." if info.get("test_metrics") else
+           " No test split (DATA/test/ or --test-pct): validation chose the epoch, so its accuracy is slightly optimistic."),
         "",
         "Files: `learner.pkl` (a pickle: load only if you trust it), `model_meta.json`, `split.json`, "
         "`reports/` (lr_find.png, history.csv/json/png, confusion_matrix.png, top_losses.png, most_confused.json, "

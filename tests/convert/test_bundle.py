@@ -268,3 +268,55 @@ def test_torchscript_export_raises_no_third_party_warning(run_dir, tmp_path):
         warnings.simplefilter("always")
         torchscript_from_learner(learn, read_model_meta(run_dir / "model_meta.json"), tmp_path / "m.pt")
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_failing_reconvert_keeps_the_good_bundle(run_dir, bundle, tmp_path, capsys):
+    """A re-convert whose gate fails must not take the bundle's name: the next server restart would serve it."""
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = {p.name: sha256_file(p) for p in out.iterdir() if p.is_file()}
+    # --min-agreement 100 with an FP32 loss limit of 0 still passes a faithful export; an impossible threshold
+    # through the API makes the new bundle fail for sure
+    from kimchi_edge.convert.bundle import bundle_from_run
+    from kimchi_edge.convert.gate import Thresholds
+
+    with pytest.raises(GateFailed) as exc:
+        bundle_from_run(run_dir, out, thresholds=Thresholds(min_agreement=1.01), quiet=True, torchscript=False, int8=False)
+    assert {p.name: sha256_file(p) for p in out.iterdir() if p.is_file()} == before  # byte for byte
+    failed = tmp_path / "bundle.failed-gate"
+    assert "previous bundle is unchanged" in str(exc.value) and str(failed) in str(exc.value)
+    assert (failed / "gate.md").is_file() and read_manifest(failed).gate.passed is False
+    with Classifier.from_bundle(out) as clf:  # the good one still loads
+        assert clf.info["gated"] is True
+    with pytest.raises(BundleError, match="failed"):  # and the failed one refuses to
+        Classifier.from_bundle(failed)
+
+
+@pytest.mark.slow
+def test_sigkill_during_convert_leaves_nothing_that_loads_and_the_next_run_cleans_up(run_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kimchi_edge", "convert", str(run_dir), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not list(tmp_path.glob(".killed.partial-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".killed.partial-*")), "convert never started writing"
+        time.sleep(0.5)  # something inside the partial folder
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and list(tmp_path.glob(".killed.partial-*"))
+    with pytest.raises(BundleError):
+        Classifier.from_bundle(out)
+    from kimchi_edge.convert.bundle import bundle_from_run
+
+    bundle_from_run(run_dir, out, gate=False, int8=False, torchscript=False, quiet=True)
+    assert not list(tmp_path.glob(".killed.partial-*"))  # the dead process's folder is gone

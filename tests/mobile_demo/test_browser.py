@@ -146,7 +146,7 @@ def test_page_loads_and_upload_shows_prediction(server, browser, tmp_path):
     red.write_bytes(images.jpeg(images.RED, size=(640, 480)))
     blue.write_bytes(images.png_rgba((0, 0, 255, 255)))
     muddy.write_bytes(images.jpeg((150, 110, 90), size=(640, 480)))  # no sure winner: the chart's 0-100 % axis shows it
-    upload(browser, red, blue, muddy)
+    upload(browser, muddy, red, blue)  # the uncertain one first: in the screenshot
     wait_text(browser, "Prediction: 빨강 red", "Prediction: 파랑 blue", "3 of 3 images classified",
               "latency: decode", "converted from RGBA")
     time.sleep(1.0)  # let the bar charts finish drawing before the picture
