@@ -23,12 +23,24 @@ import numpy as np
 
 from kimchi_edge.runtime.errors import BundleError, GateFailed, UsageError
 from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json, sha256_file
-from kimchi_edge.runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, write_manifest
+from kimchi_edge.runtime.manifest import (
+    MANIFEST_NAME,
+    VERIFICATION_DIR,
+    VERIFICATION_NAME,
+    Artifact,
+    BundleManifest,
+    VerificationImage,
+    VerificationSet,
+    write_manifest,
+    write_typed,
+)
 
 from .gate import REFERENCE_NAME, GateReport, Reference, Thresholds, reference_to_dict, run_gate
 from .runfolder import Item, RunFolder, read_run, resolve_images, stratified_sample
 
 DEFAULT_CALIB = 200
+DEFAULT_VERIFICATION_IMAGES = 200
+DEFAULT_VERIFICATION_MB = 25.0
 FILES = {
     "onnx-fp32": "model.onnx",
     "onnx-int8": "model.int8.onnx",
@@ -129,6 +141,8 @@ def bundle_from_run(
     batch_size: int = 16,
     threads: int | None = None,
     fast_decode: bool = False,
+    verification_images: int = DEFAULT_VERIFICATION_IMAGES,
+    verification_mb: float = DEFAULT_VERIFICATION_MB,
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> BundleResult:
@@ -156,6 +170,9 @@ def bundle_from_run(
         batch_size: batch size for the reference and the gate.
         threads: CPU threads for the gate.
         fast_decode: score with the runtime's reduced-scale JPEG decoding (see :func:`kimchi_edge.convert.gate.run_gate`).
+        verification_images / verification_mb: size of the verification set copied into the bundle (a
+            stratified sample of the validation files, original bytes) that ``verify`` and ``build-engine`` gate on
+            where the data is not; 0 leaves it out.
         quiet: no progress bars, no table; errors and the verdict still print.
         log: where messages go.
 
@@ -199,6 +216,15 @@ def bundle_from_run(
                                      batch_size=batch_size, quiet=quiet, say=say, log=log)
         manifest = _manifest(plan, artifacts, versions, sha256_file(tmp / REFERENCE_NAME), torchscript=torchscript,
                              calib_method=calib_method, calib_seed=calib_seed)
+        vs = write_verification_set(tmp, run.valid, plan.valid_files, labels, max_images=verification_images,
+                                    max_mb=verification_mb)
+        if vs is not None:
+            manifest = manifest.replace(source={**manifest.source, "verification": VERIFICATION_NAME,
+                                                "verification_sha256": sha256_file(tmp / VERIFICATION_NAME),
+                                                "verification_images": len(vs.images),
+                                                "verification_bytes": sum(v.size_bytes for v in vs.images)})
+            say(f"convert: verification set of {len(vs.images)} validation images "
+                f"({sum(v.size_bytes for v in vs.images) / 1e6:.1f} MB) copied into the bundle")
         if plan.engines:
             t = time.perf_counter()
             engine_arts = build_engines(tmp, manifest, tuple(plan.engines), timing_cache=timing_cache or default_timing_cache(plan.out), log=say)
@@ -355,3 +381,40 @@ def _manifest(plan: _Plan, artifacts: list[Artifact], versions: dict[str, str], 
             "notes": plan.notes,
         },
     )
+
+
+def write_verification_set(bundle: Path, items: Sequence[Item], files: Sequence[Path], labels: Sequence[str], *,
+                           max_images: int = DEFAULT_VERIFICATION_IMAGES, max_mb: float = DEFAULT_VERIFICATION_MB,
+                           seed: int = 0) -> VerificationSet | None:
+    """Copy a stratified sample of the validation files, byte for byte, into ``bundle/verification/``.
+
+    Every class keeps at least one image when the budget allows; files are taken in stratified order until
+    ``max_images`` or ``max_mb`` is reached (a file larger than the whole budget is skipped).  Returns ``None``
+    when nothing fits.
+    """
+    import shutil
+
+    if max_images < 1 or max_mb <= 0:
+        return None
+    by_file = {it.file: f for it, f in zip(items, files)}
+    order = stratified_sample(items, min(len(items), max_images), labels, seed=seed)
+    budget = int(max_mb * 1e6)
+    folder = bundle / VERIFICATION_DIR
+    folder.mkdir(exist_ok=True)
+    chosen: list[VerificationImage] = []
+    used = 0
+    for it in order:
+        src = by_file[it.file]
+        size = src.stat().st_size
+        if used + size > budget:
+            continue
+        name = f"{VERIFICATION_DIR}/{len(chosen):04d}{src.suffix.lower()}"
+        shutil.copyfile(src, bundle / name)
+        chosen.append(VerificationImage(file=name, source=it.file, label=it.label, sha256=sha256_file(bundle / name), size_bytes=size))
+        used += size
+    if not chosen:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    vs = VerificationSet(images=tuple(chosen), of_valid=len(items), seed=seed)
+    write_typed(bundle / VERIFICATION_NAME, vs)
+    return vs

@@ -79,6 +79,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import this module or .py file before loading the learner (functions its pickle needs); repeatable")
     parser.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (run kimchi-edge verify later)")
+    v = parser.add_argument_group("verification set (travels with the bundle; verify and build-engine gate on it on the target)")
+    v.add_argument("--verification-images", type=int, default=200, metavar="N",
+                   help="validation images copied into the bundle, stratified by class (default 200)")
+    v.add_argument("--verification-mb", type=float, default=25.0, metavar="MB", help="size limit of those copies (default 25)")
+    v.add_argument("--no-verification-set", action="store_true", help="leave the verification set out of the bundle")
     add_gate_args(parser)
     add_output_args(parser, json_help="the bundle, the gate's verdict per artifact and the recommendation")
 
@@ -108,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         fast_decode=args.fast_decode,
+        verification_images=0 if args.no_verification_set else args.verification_images,
+        verification_mb=args.verification_mb,
         quiet=args.quiet or args.json,  # fastai's own bars write to stdout: nothing but the JSON goes there
         log=progress_log(args),
     )

@@ -43,14 +43,18 @@ from kimchi_edge.runtime.manifest import (
     GATE_JSON,
     GATE_MD,
     REFERENCE_NAME,
+    VERIFICATION_DIR,
+    VERIFICATION_NAME,
     Artifact,
     BundleManifest,
     ReferenceFile,
     ReferenceItem,
+    VerificationSet,
     read_manifest,
     read_typed,
     to_dict,
     artifact_path,
+    unsafe_relative_path,
     verify_artifact,
 )
 
@@ -124,6 +128,42 @@ def read_reference(bundle_dir: str | Path, manifest: BundleManifest) -> Referenc
     if unknown:
         raise BundleError(f"{path}: labels not in the vocab: {sorted(unknown)[:5]}")
     return Reference(raw.data_root, labels, items, probs, dict(raw.source))
+
+
+def verification_reference(bundle: Path, manifest: BundleManifest, ref: Reference) -> tuple[Reference, list[Path]]:
+    """The reference restricted to the bundle's verification set, and those files (hashes checked first).
+
+    Raises:
+        BundleError: ``verification.json`` or one of its images was modified, is missing, or names a file that is
+            not in ``reference.json``.
+    """
+    path = bundle / VERIFICATION_NAME
+    want = manifest.source.get("verification_sha256") if manifest.source else None
+    if want and sha256_file(path) != want:
+        raise BundleError(f"{VERIFICATION_NAME} has been modified since kimchi-edge convert wrote it (SHA-256 differs)")
+    vs: VerificationSet = read_typed(VerificationSet, path)
+    index = {it.file: i for i, it in enumerate(ref.items)}
+    rows, files, items = [], [], []
+    for v in vs.images:
+        problem = unsafe_relative_path(v.file)
+        if problem or not v.file.startswith(f"{VERIFICATION_DIR}/"):
+            raise BundleError(f"{VERIFICATION_NAME}: {v.file!r} is not a file of the bundle's {VERIFICATION_DIR}/ folder")
+        f = bundle / v.file
+        if not f.is_file() or sha256_file(f) != v.sha256:
+            raise BundleError(f"verification image {v.file} is missing or modified (SHA-256 differs); re-run kimchi-edge convert")
+        if v.source not in index:
+            raise BundleError(f"{VERIFICATION_NAME}: {v.source!r} is not in {REFERENCE_NAME}")
+        i = index[v.source]
+        if ref.items[i].label != v.label:
+            raise BundleError(f"{VERIFICATION_NAME}: {v.file} is labelled {v.label!r} but {REFERENCE_NAME} says {ref.items[i].label!r}")
+        rows.append(i)
+        files.append(f)
+        items.append(Item(v.file[len(VERIFICATION_DIR) + 1:], v.label))
+    if not rows:
+        raise BundleError(f"{VERIFICATION_NAME} lists no images")
+    sub = Reference(str(bundle / VERIFICATION_DIR), ref.labels, tuple(items), ref.probabilities[rows],
+                    {**dict(ref.source), "verification_set": f"{len(rows)} of {vs.of_valid} validation images"})
+    return sub, files
 
 
 # --------------------------------------------------------------------------- candidates
@@ -219,7 +259,9 @@ def run_gate(
 
     Args:
         bundle_dir: the bundle folder.
-        data_root: where the validation images are now (default: the root recorded at convert time).
+        data_root: where the validation images are now: the full validation split is scored.  Default: the
+            bundle's own verification set (``verification.json``) when it has one, else the root recorded at
+            convert time.
         artifacts: only these artifact names (default: all).
         thresholds: pass/fail limits.
         batch_size: images per inference call.
@@ -246,8 +288,12 @@ def run_gate(
     thresholds = thresholds or Thresholds()
     manifest = read_manifest(bundle)
     ref = read_reference(bundle, manifest)
-    root = Path(data_root).expanduser() if data_root else Path(ref.data_root)
-    files = resolve_images(ref.items, root, option=data_option)
+    if data_root is None and (bundle / VERIFICATION_NAME).is_file():
+        ref, files = verification_reference(bundle, manifest, ref)
+        root = bundle / VERIFICATION_DIR
+    else:
+        root = Path(data_root).expanduser() if data_root else Path(ref.data_root)
+        files = resolve_images(ref.items, root, option=data_option)
     chosen = _chosen_artifacts(bundle, manifest, artifacts)
     run = dict(batch_size=batch_size, threads=threads, quiet=quiet)
 
@@ -267,8 +313,7 @@ def run_gate(
         bundle=str(bundle), passed=passed, thresholds=thresholds, reference=_reference_summary(ref),
         results=results + info_rows, recommended=recommended, notes=notes, data_root=str(root),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        environment={"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "fast_decode": fast_decode, "batch_size": batch_size},
+        environment=_environment(fast_decode=fast_decode, batch_size=batch_size, results=results),
         fast_decode_passed=bool(fast_ok and passed),
     )
     if not quiet:
@@ -283,6 +328,20 @@ def run_gate(
             + (f" (see {bundle / GATE_MD})" if write else "")
         )
     return report
+
+
+def _environment(*, fast_decode: bool, batch_size: int, results: Sequence[ArtifactResult]) -> dict[str, Any]:
+    """The machine the verdicts were obtained on: CPU, providers/engines that ran, GPU, CUDA driver, TensorRT."""
+    from kimchi_edge.runtime.sysinfo import cuda_device_facts
+
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                           "node": platform.node(), "fast_decode": fast_decode, "batch_size": batch_size}
+    env.update({k: v for k, v in cuda_device_facts().items() if v})
+    env["ran_on"] = {r.name: (r.runtime.get("providers") or [r.runtime.get("backend")])[:1] for r in results if r.runtime}
+    trt = next((r.runtime.get("tensorrt") for r in results if r.runtime.get("tensorrt")), None)
+    if trt:
+        env["tensorrt"] = trt
+    return env
 
 
 def _chosen_artifacts(bundle: Path, manifest: BundleManifest, artifacts: Sequence[str] | None) -> list[str]:

@@ -1,7 +1,7 @@
 """Run the accuracy gate on a bundle: every artifact against the learner's reference predictions.
 
-  kimchi-edge verify runs/food10/bundle
-  kimchi-edge verify BUNDLE --images /media/sd/food10      # the validation images moved
+  kimchi-edge verify runs/food10/bundle                    # on the bundle's own verification set (any machine)
+  kimchi-edge verify BUNDLE --images /media/sd/food10      # the full validation split, wherever it is now
   kimchi-edge verify BUNDLE --artifact onnx-int8 --artifact trt-fp16
 
 Needs only the runtime (no fastai, no torch): runs on the target device.  TorchScript is scored only
@@ -22,7 +22,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples in the description
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json and reference.json)")
     parser.add_argument("--images", "--data", dest="images", metavar="DATA_ROOT",
-                        help="where the validation images are now (default: the folder recorded at convert time)")
+                        help="score the full validation split, found under DATA_ROOT (default: the bundle's own "
+                             "verification set, or the folder recorded at convert time when it has none)")
     parser.add_argument("--artifact", action="append", default=None, metavar="NAME",
                         help="score only this artifact (repeatable; default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave gate.md/gate.json/manifest.json alone")
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
          f"gate {'passed' if report.passed else 'failed'}: {scored} artifact(s) scored on {report.reference['n']} images"
          + ("" if args.no_write else f"; report: {report.bundle}/gate.md"))
     if not report.passed:
-        raise GateFailed(f"accuracy gate failed: {'; '.join(report.notes[:1])}"
+        failed = [f"{r.name} {r.reason}" for r in report.results if r.status == "fail" and r.precision != "int8"]
+        raise GateFailed(f"accuracy gate failed: {'; '.join(failed) or report.notes[0]}"
                          + ("" if args.no_write else f" (see {report.bundle}/gate.md)"))
     return 0

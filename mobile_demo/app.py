@@ -4,7 +4,8 @@ Start it with ``kimchi-edge demo [BUNDLE]``, or directly::
 
     streamlit run "$(python -c "import kimchi_edge.mobile_demo.app as a; print(a.__file__)")" -- --bundle runs/quickstart/bundle
 
-(``$KIMCHI_EDGE_BUNDLE``, ``$KIMCHI_EDGE_BACKEND`` and ``$KIMCHI_EDGE_DEMO_ICE_SERVERS`` work too.)
+(``$KIMCHI_EDGE_BUNDLE``, ``$KIMCHI_EDGE_BACKEND``, ``$KIMCHI_EDGE_DEMO_ICE_SERVERS`` and ``$KIMCHI_EDGE_ALLOW_UNGATED=1``
+work too.)
 """
 
 from kimchi_edge.mobile_demo.page import main

@@ -38,6 +38,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
              "'auto' (streamlit-webrtc's default: Google's public STUN), comma-separated stun:/turn: URLs, "
              "or JSON / a JSON file: [{\"urls\": \"turn:HOST:3478\", \"username\": \"U\", \"credential\": \"P\"}]",
     )
+    parser.add_argument(
+        "--allow-ungated", action="store_true",
+        help="also run an artifact the accuracy gate did not pass (failed, skipped, never gated); the page says so. "
+             "By default only what passed runs",
+    )
     parser.add_argument("--print-command", action="store_true", help="print the streamlit command and environment, do not start it")
 
 
@@ -47,7 +52,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     Raises:
         UsageError: half an SSL pair, a missing certificate file, a bad port or bad ICE servers.
     """
-    from .core import DEFAULT_BUNDLE, ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS, parse_ice_servers
+    from .core import DEFAULT_BUNDLE, ENV_ALLOW_UNGATED, ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS, parse_ice_servers
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
@@ -75,6 +80,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         ENV_BUNDLE: str(bundle.resolve()),
         ENV_BACKEND: args.backend,
         ENV_ICE_SERVERS: args.ice_servers,
+        ENV_ALLOW_UNGATED: "1" if args.allow_ungated else "0",
     }
     return cmd, env
 

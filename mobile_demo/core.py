@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 ENV_BUNDLE = "KIMCHI_EDGE_BUNDLE"
 ENV_BACKEND = "KIMCHI_EDGE_BACKEND"
 ENV_ICE_SERVERS = "KIMCHI_EDGE_DEMO_ICE_SERVERS"
+ENV_ALLOW_UNGATED = "KIMCHI_EDGE_ALLOW_UNGATED"  # "1": also run what the accuracy gate did not pass
 
 #: Where ``kimchi-edge quickstart`` / ``make quickstart`` writes its bundle, relative to the working folder.
 DEFAULT_BUNDLE = Path("runs") / "quickstart" / "bundle"
@@ -98,7 +99,7 @@ def parse_ice_servers(value: str | None) -> list[dict[str, Any]] | None:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the page needs to start: which bundle, which backend, which ICE servers.
+    """What the page needs to start: which bundle, which backend, which ICE servers, gated artifacts only or not.
 
     Attributes:
         bundle: the bundle folder (absolute).
@@ -106,6 +107,8 @@ class DemoConfig:
         backend: ``auto``, ``onnxruntime`` or ``tensorrt``.
         ice_servers: WebRTC ``iceServers`` (``[]``: host candidates only; ``None``: streamlit-webrtc's default).
         ice_error: why the ICE setting was refused (the page shows it and uses ``[]``).
+        allow_ungated: also run an artifact the accuracy gate did not pass (``--allow-ungated``); the page then
+            says so above everything else.
     """
 
     bundle: Path
@@ -113,6 +116,7 @@ class DemoConfig:
     backend: str = "auto"
     ice_servers: list[dict[str, Any]] | None = field(default_factory=list)
     ice_error: str | None = None
+    allow_ungated: bool = False
 
     @property
     def rtc_configuration(self) -> dict[str, Any] | None:
@@ -133,6 +137,7 @@ class DemoConfig:
         parser.add_argument("--bundle")
         parser.add_argument("--backend")
         parser.add_argument("--ice-servers")
+        parser.add_argument("--allow-ungated", action="store_true", default=None)
         ns, _ = parser.parse_known_args(list(argv or []))
         bundle_text = ns.bundle or env.get(ENV_BUNDLE) or ""
         base = cwd or Path.cwd()
@@ -150,6 +155,7 @@ class DemoConfig:
             backend=ns.backend or env.get(ENV_BACKEND) or "auto",
             ice_servers=ice,
             ice_error=ice_error,
+            allow_ungated=bool(ns.allow_ungated) or env.get(ENV_ALLOW_UNGATED, "").strip().lower() in ("1", "true", "yes"),
         )
 
 
@@ -538,6 +544,7 @@ __all__ = [
     "DEFAULT_BUNDLE",
     "ENV_BACKEND",
     "ENV_BUNDLE",
+    "ENV_ALLOW_UNGATED",
     "ENV_ICE_SERVERS",
     "MAKE_BUNDLE_HELP",
     "DemoConfig",

@@ -82,14 +82,14 @@ def script_args() -> list[str]:
 
 
 @st.cache_resource(show_spinner="Loading the model bundle…", max_entries=4)
-def load_classifier(bundle: str, backend: str, stamp: float) -> Classifier:
-    """One classifier per (bundle, backend, manifest mtime) for the whole server; failures are not cached.
+def load_classifier(bundle: str, backend: str, allow_ungated: bool, stamp: float) -> Classifier:
+    """One classifier per (bundle, backend, gating, manifest mtime) for the whole server; failures are not cached.
 
     It is warmed up here (one throw-away photo through decode, preprocess and inference), so the first
     photo a user sends shows the same latency as the next ones.
     """
     del stamp  # only part of the cache key: a re-converted bundle is reloaded
-    clf = Classifier.from_bundle(bundle, backend=backend)
+    clf = Classifier.from_bundle(bundle, backend=backend, allow_ungated=allow_ungated)
     warm_up(clf)
     return clf
 
@@ -325,7 +325,7 @@ def main() -> None:
         show_no_bundle(cfg)
         return
     try:
-        clf = load_classifier(str(cfg.bundle), cfg.backend, bundle_stamp(cfg.bundle))
+        clf = load_classifier(str(cfg.bundle), cfg.backend, cfg.allow_ungated, bundle_stamp(cfg.bundle))
     except KimchiEdgeError as exc:
         st.error(f"Could not load the bundle at `{cfg.bundle}`: {exc}")
         st.markdown("\n".join(f"{line}  " for line in MAKE_BUNDLE_HELP))
@@ -335,6 +335,9 @@ def main() -> None:
         st.error(f"Could not load the bundle at `{cfg.bundle}`: {type(exc).__name__}: {exc}")
         return
     facts = bundle_facts(clf)
+    if not clf.info.get("gated", True):
+        ungated = [n.removeprefix("UNGATED: ") for n in facts["notes"] if n.startswith("UNGATED:")]
+        st.warning("Not verified: " + "; ".join(md_escape(n) for n in ungated or ["the accuracy gate did not pass this model"]))
     st.caption(
         f"{md_escape(facts['architecture'] or 'model')} · {len(facts['labels'])} labels · {facts['input_size']} · "
         f"{md_escape(facts['backend'])} · {facts['gate_short']}"

@@ -254,6 +254,34 @@ class ReferenceFile:
     source: Mapping[str, Any] = field(default_factory=dict)
 
 
+VERIFICATION_DIR = "verification"
+VERIFICATION_NAME = "verification.json"
+
+
+@dataclass(frozen=True)
+class VerificationImage:
+    """One image of the bundle's own verification set: its original encoded bytes, inside the bundle."""
+
+    file: str  # relative to the bundle, e.g. "verification/0007.jpg"
+    source: str  # the validation file it is a copy of (``reference.json`` item ``file``)
+    label: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class VerificationSet:
+    """``verification.json``: a stratified sample of the validation split that travels with the bundle.
+
+    ``kimchi-edge verify BUNDLE`` (no ``--images``) and ``build-engine`` gate on it, so a bundle copied to a Jetson
+    re-checks itself there; the reference predictions are those of ``reference.json`` for ``source``.
+    """
+
+    images: tuple[VerificationImage, ...]
+    of_valid: int = 0  # how many validation images the sample was drawn from
+    seed: int = 0
+
+
 GATE_STATUSES = ("pass", "fail", "skipped")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import sys
 import time
@@ -229,8 +230,10 @@ def _setup_device(config: TrainConfig) -> _Device:
         raise UsageError(f"--threads {config.threads}: expected at least 1")
     if use_cuda:
         return _Device(torch.device("cuda"), True, torch.get_num_threads(), f"cuda ({torch.cuda.get_device_name()})")
+    load = _load_average()
     n = setup_cpu_training(config.threads)
-    return _Device(torch.device("cpu"), False, n, f"cpu ({n} of {cpu_count()} cores)")
+    return _Device(torch.device("cpu"), False, n, f"cpu ({n} thread{'s' * (n > 1)} on {cpu_count()} cores" +
+                   (f", load average {load:.1f} before training)" if load is not None else ")"))
 
 
 def _metrics() -> list:
@@ -299,10 +302,11 @@ def _choose_lr(learn, config: TrainConfig, reports: Path, say: Log) -> tuple[flo
     sug = learn.lr_find(suggest_funcs=(minimum, steep, valley), show_plot=True, num_it=iters)
     rep.save_current_figure(reports / "lr_find.png")
     info = {k: float(v) for k, v in sug._asdict().items()}
+    info["iterations"] = len(learn.recorder.lrs)  # what ran (fastai stops early when the loss diverges)
     lr = info.get("valley") or 2e-3
     if not math.isfinite(lr):
         lr = 2e-3
-    say(f"lr_find: {iters} iterations in {time.perf_counter() - t0:.0f} s; valley {lr:.1e} (used), minimum/10 {info.get('minimum', float('nan')):.1e}")
+    say(f"lr_find: {info['iterations']} iterations in {time.perf_counter() - t0:.0f} s; valley {lr:.1e} (used), minimum/10 {info.get('minimum', float('nan')):.1e}")
     return float(lr), info
 
 
@@ -345,7 +349,9 @@ def _fit(learn, config: TrainConfig, lr: float, say: Log) -> _Fit:
     rows = history.rows
     if not rows:
         raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
-    best = min(range(len(rows)), key=lambda i: (rows[i]["valid_loss"], i))  # what the saver kept, by its rule
+    best = history.best_epoch  # the epoch whose weights the saver kept (and loaded back)
+    if best is None:
+        raise DataError(f"no epoch had a finite validation loss ({[r['valid_loss'] for r in rows]}); try a lower --lr")
     return _Fit(rows, best, schedule, time.perf_counter() - t0)
 
 
@@ -401,6 +407,13 @@ def write_split(path: Path, scan, learn, config: TrainConfig):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _versions() -> dict[str, str]:

@@ -69,8 +69,12 @@ class History(Callback):
 
 
 def epoch_line(row: dict[str, Any], total: int, seconds: list[float], best: bool) -> str:
-    """``epoch 2/5 unfrozen  train_loss 0.41  valid_loss 0.30  accuracy 0.912  12 s  best so far  ETA 36 s``."""
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "phase") and isinstance(v, float))
+    """``epoch 2 (3/5) unfrozen  train_loss 0.4100  valid_loss 0.3000  accuracy 0.9120  12 s  best so far  ETA 24 s``.
+
+    ``epoch 2`` is the run's index (``history.json``, ``best_epoch``); ``(3/5)`` counts for the reader.
+    """
+    shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "valid_loss", "accuracy") if isinstance(row.get(k), float))
     left = max(0, total - len(seconds))
     eta = f"  ETA {sum(seconds) / len(seconds) * left:.0f} s" if left else ""
-    return f"epoch {row['epoch']}/{total - 1} {row['phase']:<9} {shown}  {seconds[-1]:.0f} s{'  best so far' if best else ''}{eta}"
+    return (f"epoch {row['epoch']} ({len(seconds)}/{total}) {row['phase']:<8}  {shown}  {seconds[-1]:.0f} s"
+            f"{'  best so far' if best else ''}{eta}")

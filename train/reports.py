@@ -158,7 +158,8 @@ def write_summary(path: Path, info: dict[str, Any]) -> None:
         f"- left out as unreadable: {len(info['excluded'])}" + (" (see split.json)" if info["excluded"] else ""),
         f"- starting weights: {info['pretrained'] or 'random init'}",
         f"- input: Resize({info['item_size']}) then {info['size']} px; mean {info['mean']}, std {info['std']}",
-        f"- learning rate: {info['lr']:.2e}" + (f" (lr_find valley; minimum/10 {info['lr_find'].get('minimum', float('nan')):.2e})" if info.get("lr_find") else " (given)"),
+        f"- learning rate: {info['lr']:.2e}" + (f" (lr_find valley after {info['lr_find'].get('iterations', '?')} iterations; minimum/10 {info['lr_find'].get('minimum', float('nan')):.2e})"
+                                             if info.get("lr_find") else " (given)"),
         f"- schedule: {info['schedule']}",
         f"- device: {info['device']}; wall time {info['wall_s']:.0f} s",
         "",
@@ -172,7 +173,7 @@ def write_summary(path: Path, info: dict[str, Any]) -> None:
            " No test split (DATA/test/ or --test-pct): validation chose the epoch, so its accuracy is slightly optimistic."),
         "",
         "Files: `learner.pkl` (a pickle: load only if you trust it), `model_meta.json`, `split.json`, "
-        "`reports/` (lr_find.png, history.csv/json/png, confusion_matrix.png, top_losses.png, most_confused.json, "
+        "`reports/` (lr_find.png if lr_find ran, history.csv/json/png, confusion_matrix.png, top_losses.png, most_confused.json, "
         "classification_report.csv/json, metrics.json).",
         "",
         "Next: `kimchi-edge convert " + info["run_dir"] + "`",

@@ -46,7 +46,8 @@ def test_every_artifact_passes_the_gate(built, bundle):
 
 def test_bundle_contents_and_no_leftovers(bundle):
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json"])
+    assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json",
+                            "verification", "verification.json"])
     assert not list(bundle.parent.glob(".bundle.partial-*"))
 
 
@@ -320,3 +321,54 @@ def test_sigkill_during_convert_leaves_nothing_that_loads_and_the_next_run_clean
 
     bundle_from_run(run_dir, out, gate=False, int8=False, torchscript=False, quiet=True)
     assert not list(tmp_path.glob(".killed.partial-*"))  # the dead process's folder is gone
+
+
+def test_bundle_carries_its_verification_set(bundle):
+    from kimchi_edge.runtime.manifest import VerificationSet, read_typed
+
+    vs = read_typed(VerificationSet, bundle / "verification.json")
+    m = read_manifest(bundle)
+    assert len(vs.images) == m.source["verification_images"] == 90 and vs.of_valid == 90  # 3 x 30, all fit in 200
+    assert {v.label for v in vs.images} == set(COLOURS)
+    assert all((bundle / v.file).is_file() and v.file.startswith("verification/") for v in vs.images)
+
+
+def test_verify_on_a_moved_bundle_uses_its_own_set(bundle, colour_data, tmp_path, capsys):
+    """A bundle copied away from its data re-checks itself; altering one reference label makes it fail."""
+    far = tmp_path / "jetson" / "bundle"
+    shutil.copytree(bundle, far)
+    hidden = colour_data.with_name("hidden")
+    colour_data.rename(hidden)  # the validation split is not reachable from here any more
+    try:
+        assert main(["verify", str(far), "--artifact", "onnx-fp32", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["gate"]["passed"] is True and doc["gate"]["images"] == 90
+        gate = read_json(far / "gate.json")
+        assert gate["data_root"] == str(far / "verification")
+        assert "gpu" in gate["environment"] or gate["environment"]["ran_on"]["onnx-fp32"] == ["CPUExecutionProvider"]
+
+        # one image's reference answer altered, hashes recomputed (a deliberate, consistent edit): the gate must fail
+        ref = read_json(far / "reference.json")
+        vs = read_json(far / "verification.json")
+        victim = vs["images"][0]
+        item = next(it for it in ref["items"] if it["file"] == victim["source"])
+        p = item["probabilities"]
+        j = min(range(len(p)), key=p.__getitem__)
+        p[j], p[p.index(max(p))] = max(p), min(p)  # the learner "said" the least likely class
+        item["prediction"] = ref["labels"][j]
+        (far / "reference.json").write_text(json.dumps(ref, ensure_ascii=False), encoding="utf-8")
+        m = read_manifest(far)
+        write_manifest(far, m.replace(source={**m.source, "reference_sha256": sha256_file(far / "reference.json")}))
+        capsys.readouterr()
+        assert main(["verify", str(far), "--artifact", "onnx-fp32", "--quiet"]) == 1
+        assert ("accuracy gate failed: onnx-fp32 agreement 98.89% < 99.5% (1 of 90 images differ)"
+                in capsys.readouterr().err)
+        # a label that disagrees between verification.json and reference.json is refused before scoring
+        victim["label"] = next(lab for lab in ref["labels"] if lab != item["label"])
+        (far / "verification.json").write_text(json.dumps(vs, ensure_ascii=False), encoding="utf-8")
+        m = read_manifest(far)
+        write_manifest(far, m.replace(source={**m.source, "verification_sha256": sha256_file(far / "verification.json")}))
+        assert main(["verify", str(far), "--artifact", "onnx-fp32", "--quiet"]) != 0
+        assert "is labelled" in capsys.readouterr().err
+    finally:
+        hidden.rename(colour_data)

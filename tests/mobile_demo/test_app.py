@@ -19,7 +19,7 @@ pytest.importorskip("streamlit", reason="the demo needs streamlit (pip install '
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from kimchi_edge.mobile_demo import page  # noqa: E402
-from kimchi_edge.mobile_demo.core import ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS  # noqa: E402
+from kimchi_edge.mobile_demo.core import ENV_ALLOW_UNGATED, ENV_BACKEND, ENV_BUNDLE, ENV_ICE_SERVERS  # noqa: E402
 
 from . import images  # noqa: E402
 
@@ -34,13 +34,15 @@ needs_apptest_camera = pytest.mark.skipif(
 
 @pytest.fixture
 def app(monkeypatch, color_bundle):
-    """A factory: ``app(bundle=..., mode=...)`` returns an AppTest that has run once."""
+    """A factory: ``app(bundle=..., mode=..., **env)`` returns an AppTest that has run once."""
 
-    def make(bundle: Path | None = color_bundle, mode: str | None = None) -> AppTest:
-        for var in (ENV_BUNDLE, ENV_BACKEND, ENV_ICE_SERVERS):
+    def make(bundle: Path | None = color_bundle, mode: str | None = None, **env: str) -> AppTest:
+        for var in (ENV_BUNDLE, ENV_BACKEND, ENV_ICE_SERVERS, ENV_ALLOW_UNGATED):
             monkeypatch.delenv(var, raising=False)
         if bundle is not None:
             monkeypatch.setenv(ENV_BUNDLE, str(bundle))
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
         at = AppTest.from_file(str(APP), default_timeout=60)
         if mode:
             at.query_params["mode"] = mode
@@ -153,6 +155,20 @@ def test_bundle_that_fails_to_load_is_reported(app, color_bundle, tmp_path):
     (broken / "manifest.json").write_text("{ this is not json", encoding="utf-8")
     at = app(bundle=broken)
     assert "is not valid UTF-8 JSON" in at.error[0].value
+
+
+def test_ungated_bundle_is_refused_unless_allowed_and_then_says_so(app, ungated_color_bundle):
+    at = app(bundle=ungated_color_bundle)
+    (msg,) = [e.value for e in at.error]
+    assert "accuracy gate has never run on this bundle" in msg and "--allow-ungated" in msg  # names the demo's option
+    assert not modes(at)
+    at = app(bundle=ungated_color_bundle, mode="Upload", **{ENV_ALLOW_UNGATED: "1"})  # kimchi-edge demo --allow-ungated
+    assert not at.error
+    (warning,) = [w.value for w in at.warning]
+    assert warning.startswith("Not verified: the accuracy gate has never run on this bundle") and "--allow-ungated" in warning
+    at.file_uploader[0].upload("g.jpg", images.jpeg(images.GREEN), "image/jpeg")
+    at.run()
+    assert "**Prediction:** 초록 green" in texts(at)
 
 
 def test_sidebar_shows_bundle_facts(app):

@@ -27,6 +27,7 @@ def test_print_command_defaults(capsys, tmp_path, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert f"KIMCHI_EDGE_BUNDLE={tmp_path / 'runs' / 'quickstart' / 'bundle'}" in lines
     assert "KIMCHI_EDGE_BACKEND=auto" in lines and "KIMCHI_EDGE_DEMO_ICE_SERVERS=none" in lines
+    assert "KIMCHI_EDGE_ALLOW_UNGATED=0" in lines  # only what the accuracy gate passed runs
     cmd = lines[-1]
     assert cmd.startswith(f"{sys.executable} -m streamlit run {REPO / 'mobile_demo' / 'app.py'}")
     assert "--server.port 8501" in cmd and "--server.address 127.0.0.1" in cmd and "--server.headless true" in cmd
@@ -38,11 +39,12 @@ def test_print_command_with_https_and_options(capsys, tmp_path, color_bundle):
     cert.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
     key.write_text("-----BEGIN PRIVATE KEY-----\n", encoding="utf-8")
     rc = main(["demo", str(color_bundle), "--host", "0.0.0.0", "--port", "8443", "--ssl-cert", str(cert), "--ssl-key", str(key),
-               "--backend", "onnxruntime", "--ice-servers", "stun:10.0.0.2:3478", "--print-command"])
+               "--backend", "onnxruntime", "--ice-servers", "stun:10.0.0.2:3478", "--allow-ungated", "--print-command"])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"KIMCHI_EDGE_BUNDLE={color_bundle}" in lines
     assert "KIMCHI_EDGE_BACKEND=onnxruntime" in lines and "KIMCHI_EDGE_DEMO_ICE_SERVERS=stun:10.0.0.2:3478" in lines
+    assert "KIMCHI_EDGE_ALLOW_UNGATED=1" in lines
     cmd = lines[-1]
     assert "--server.port 8443" in cmd and "--server.address 0.0.0.0" in cmd
     assert f"--server.sslCertFile {cert}" in cmd and f"--server.sslKeyFile {key}" in cmd

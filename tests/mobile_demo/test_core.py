@@ -82,6 +82,13 @@ def test_config_script_args_override_environment(tmp_path):
     assert cfg.rtc_configuration == {"iceServers": [{"urls": ["stun:h:1"]}]}
 
 
+def test_config_runs_gated_artifacts_only_unless_allowed(tmp_path):
+    assert DemoConfig.load([], {}, cwd=tmp_path).allow_ungated is False
+    assert DemoConfig.load([], {"KIMCHI_EDGE_ALLOW_UNGATED": "0"}, cwd=tmp_path).allow_ungated is False
+    assert DemoConfig.load([], {"KIMCHI_EDGE_ALLOW_UNGATED": "1"}, cwd=tmp_path).allow_ungated is True
+    assert DemoConfig.load(["--allow-ungated"], {}, cwd=tmp_path).allow_ungated is True
+
+
 def test_config_bad_ice_setting_falls_back_and_says_why(tmp_path):
     cfg = DemoConfig.load([], {ENV_ICE_SERVERS: "http://nope"}, cwd=tmp_path)
     assert cfg.ice_servers == [] and "not a stun:/turn: URL" in cfg.ice_error

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -77,3 +78,51 @@ def test_json_written_as_utf8_not_escaped(tiny_run):
     text = (tiny_run / "split.json").read_text(encoding="utf-8")
     assert "배추김치" in text and "\\ub" not in text
     assert json.loads(text)["vocab"] == sorted(KIMCHI_CLASSES.values())
+
+
+def test_given_layout_with_test_folder(digits, tmp_path):
+    root = build_tree(digits, tmp_path / "d", per_class=8, given_split=True, test_split=True)
+    scan = scan_dataset(root)
+    assert scan.layout == "given"
+    assert (len(scan.train), len(scan.valid), len(scan.test)) == (12, 6, 6)
+    assert {lab for _, lab in scan.test} == set(KIMCHI_CLASSES.values())
+    assert all("/test/" in f.as_posix() for f, _ in scan.test)
+
+
+def test_train_and_test_without_valid_is_refused(digits, tmp_path):
+    from kimchi_edge.runtime.errors import DataError
+
+    root = build_tree(digits, tmp_path / "d", per_class=8, given_split=True, test_split=True)
+    shutil.rmtree(root / "valid")
+    with pytest.raises(DataError, match="no valid/"):
+        scan_dataset(root)
+
+
+def test_hold_out_test_is_per_class_seeded_and_disjoint(kimchi_tree):
+    from kimchi_edge.train.data import hold_out_test
+
+    a = hold_out_test(scan_dataset(kimchi_tree), 0.2, seed=42)
+    b = hold_out_test(scan_dataset(kimchi_tree), 0.2, seed=42)
+    c = hold_out_test(scan_dataset(kimchi_tree), 0.2, seed=7)
+    assert [f for f, _ in a.test] == [f for f, _ in b.test]  # same seed, same files
+    assert [f for f, _ in a.test] != [f for f, _ in c.test]
+    counts = {lab: sum(1 for _, l in a.test if l == lab) for lab in KIMCHI_CLASSES.values()}
+    assert counts == {lab: 6 for lab in KIMCHI_CLASSES.values()}  # 20 % of each class's 30 readable images
+    assert not {f for f, _ in a.test} & {f for f, _ in a.train}
+    assert len(a.train) + len(a.test) == 90
+
+
+def test_test_pct_with_a_test_folder_is_refused(digits, tmp_path, capsys):
+    root = build_tree(digits, tmp_path / "d", per_class=8, given_split=True, test_split=True)
+    rc = main(["train", str(root), "--out", str(tmp_path / "r"), "--arch", "efficientnet_lite0", "--test-pct", "0.1", "--quiet"])
+    assert rc == 2
+    assert "test/ folder already" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("n_train, bs, expected", [(54, 16, 20), (1438, 32, 88), (1438, 64, 44), (244, 64, 20), (20000, 64, 100)])
+def test_lr_find_iterations_are_about_two_epochs(n_train, bs, expected):
+    from kimchi_edge.train.api import lr_find_iterations
+
+    assert lr_find_iterations(n_train, bs) == expected
+    assert lr_find_iterations(n_train, bs, requested=7) == 7

@@ -1,6 +1,7 @@
-"""One real training run end to end (session fixture ``tiny_run``)."""
+"""One real training run end to end (session fixtures ``tiny_cli`` / ``tiny_run``)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,66 @@ def test_run_folder_contents(tiny_run):
 def test_split_is_exact_and_excludes_bad_files(tiny_run):
     split = json.loads((tiny_run / "split.json").read_text(encoding="utf-8"))
     root = Path(split["data_root"])
-    assert split["layout"] == "random" and split["seed"] == 42
-    assert len(split["train"]) + len(split["valid"]) == 90
-    assert len(split["valid"]) == 18  # valid_pct 0.2 of 90
+    assert split["layout"] == "random" and split["seed"] == 42 and split["test_pct"] == 0.2
+    assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == 90
+    assert len(split["valid"]) == 18 and len(split["test"]) == 18  # 0.2 of all 90 images each
     assert {e["file"] for e in split["excluded"]} == {"배추김치/broken.jpg", "오이 소박이/notes.jpg"}
-    for e in split["valid"]:
+    for e in split["valid"] + split["test"]:
         assert (root / e["file"]).is_file()
         assert e["label"] == e["file"].split("/")[0]
+
+
+def test_test_split_is_held_out_per_class_and_disjoint(tiny_run):
+    split = json.loads((tiny_run / "split.json").read_text(encoding="utf-8"))
+    files = {k: {e["file"] for e in split[k]} for k in ("train", "valid", "test")}
+    assert not (files["train"] & files["test"]) and not (files["valid"] & files["test"])
+    assert {lab: sum(e["label"] == lab for e in split["test"]) for lab in KIMCHI_CLASSES.values()} == {
+        lab: 6 for lab in KIMCHI_CLASSES.values()}  # 20 % of each class's 30
+
+
+def test_report_gives_test_accuracy_beside_validation(tiny_cli, tiny_run):
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) == {"loss", "accuracy", "error_rate", "recall_macro", "precision_macro"}
+    assert test["accuracy"] * 18 == pytest.approx(round(test["accuracy"] * 18))  # a share of the 18 test images
+    assert metrics["n_test"] == 18 and metrics["n_valid"] == 18
+    summary = (tiny_run / "summary.md").read_text(encoding="utf-8")
+    assert "| metric | validation | test |" in summary
+    assert f"| accuracy | {metrics['accuracy']:.4f} | {test['accuracy']:.4f} |" in summary
+    doc = tiny_cli.json()  # --json: the printed result is the same numbers
+    assert doc["test"] == test and doc["accuracy"] == metrics["accuracy"] and doc["run_dir"] == str(tiny_run)
+
+
+def test_json_prints_one_object_on_stdout_and_progress_on_stderr(tiny_cli, tiny_run):
+    assert tiny_cli.stdout.lstrip().startswith("{") and tiny_cli.stdout.rstrip().endswith("}")
+    assert isinstance(tiny_cli.json(), dict)  # nothing else on stdout, or this would not parse
+    assert "epoch 0 (1/2) frozen" in tiny_cli.stderr and "lr_find:" in tiny_cli.stderr
+
+
+def test_no_third_party_warnings(tiny_cli, tiny_run):
+    """The run had FutureWarning and UndefinedMetricWarning as errors: it would have failed on one."""
+    assert "Warning" not in tiny_cli.stderr, tiny_cli.stderr
+
+
+def test_epoch_numbering_is_one_for_the_whole_run(tiny_cli, tiny_run):
+    history = json.loads((tiny_run / "reports" / "history.json").read_text())
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    printed = re.findall(r"^epoch (\d+) \((\d+)/(\d+)\) (\w+) .*?(best so far)?(?:  ETA.*)?$", tiny_cli.stderr, re.M)
+    assert [int(p[0]) for p in printed] == [h["epoch"] for h in history] == [0, 1]
+    assert [p[3] for p in printed] == [h["phase"] for h in history] == ["frozen", "unfrozen"]
+    best_printed = [int(p[0]) for p in printed if p[4]]
+    assert best_printed and best_printed[-1] == metrics["best_epoch"]
+    assert "Better model found" not in tiny_cli.stderr + tiny_cli.stdout  # fastai's per-fit numbering
+
+
+def test_lr_find_iterations_scale_with_the_data(tiny_run):
+    from kimchi_edge.train.api import lr_find_iterations
+
+    metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
+    # 54 training images at batch 16: 3 batches an epoch; two epochs' worth is 6, raised to the floor of 20
+    assert lr_find_iterations(54, 16) == 20
+    assert metrics["lr_find"]["iterations"] == 20  # not fastai's 100
+    assert metrics["config"]["lr_find_iters"] is None
 
 
 def test_model_meta_records_what_fastai_used(tiny_run):
