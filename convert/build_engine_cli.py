@@ -27,6 +27,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(precision="fp16")
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a compatible engine of this precision exists")
+    parser.add_argument("--images", metavar="DATA_ROOT", default=None,
+                        help="gate the engine on the full validation split under DATA_ROOT (default: the bundle's verification set)")
+    parser.add_argument("--no-gate", action="store_true", help="build only; the engine is not used by default until verify passes it")
     from kimchi_edge.runtime.cliutil import add_output_args
 
     add_output_args(parser, json_help="the engine's manifest entry and the smoke-test result")
@@ -84,9 +87,35 @@ def run(args: argparse.Namespace) -> int:
     shape = smoke.shape
     with TensorRTBackend(bundle, manifest, art, installed=facts) as backend:
         logits = backend.infer(smoke)
-    emit(args, {"bundle": str(bundle), "artifact": to_dict(art), "built": took is not None,
-                "seconds": None if took is None else round(took, 1), "smoke_test": {"input": [list(shape), pre.dtype],
-                                                                                     "logits_shape": list(logits.shape)}},
-         f"loaded and ran it here (logits {tuple(logits.shape)}); score it on the validation images with: "
-         f"kimchi-edge verify {bundle}")
-    return 0
+    say(f"loaded and ran it here (input {tuple(shape)} {pre.dtype} -> logits {tuple(logits.shape)})")
+    verdict = None if args.no_gate else _gate_engine(bundle, art, args, say)
+    doc = {"bundle": str(bundle), "artifact": to_dict(art), "built": took is not None,
+           "seconds": None if took is None else round(took, 1),
+           "smoke_test": {"input": [list(shape), pre.dtype], "logits_shape": list(logits.shape)},
+           "gate": verdict, "recommended": dict(read_manifest(bundle).recommended)}
+    if verdict is None:
+        text = (f"not gated yet: auto does not use {art.name} until it passes; score it with: "
+                f"kimchi-edge verify {bundle} --artifact {art.name}")
+    elif verdict["status"] == "pass":
+        text = f"{art.name} passed the accuracy gate here and is recommended for tensorrt"
+    else:
+        fallback = doc["recommended"].get("tensorrt")
+        text = (f"{art.name} FAILED the accuracy gate here ({verdict['reason']}); "
+                + (f"tensorrt uses {fallback} instead" if fallback else "auto uses ONNX Runtime instead")
+                + (f" (try: kimchi-edge build-engine {bundle} --fp16)" if art.precision == "int8" and not fallback else ""))
+    emit(args, doc, text)
+    return 1 if verdict is not None and verdict["status"] == "fail" and art.precision != "int8" else 0
+
+
+def _gate_engine(bundle: Path, art, args: argparse.Namespace, say) -> dict | None:
+    """Score the engine through the runtime on the verification set (or ``--images``); record and recommend it only if it passes."""
+    from .gate import run_gate
+
+    if args.images is None and not (bundle / "verification.json").is_file():
+        say("the bundle has no verification set (converted with --no-verification-set); pass --images DATA_ROOT to gate the engine")
+        return None
+    report = run_gate(bundle, data_root=args.images, artifacts=[art.name], quiet=args.quiet or args.json,
+                      raise_on_failure=False, check_fast_decode=False, log=say, data_option="--images")
+    r = report.result(art.name)
+    return {"status": r.status, "reason": r.reason, "images": report.reference["n"],
+            **{k: r.metrics[k] for k in ("top1", "delta", "agreement") if k in r.metrics}}

@@ -195,8 +195,9 @@ def add_engines(
 ) -> BundleManifest:
     """Build engines into an existing bundle and update its manifest atomically (``kimchi-edge build-engine``).
 
-    A new engine replaces an older one of the same precision.  The gate is not re-run here: run
-    ``kimchi-edge verify BUNDLE`` afterwards to score the engine on the validation images.
+    A new engine replaces an older one of the same precision, and loses that one's gate verdict: an engine is
+    recommended and run by default only after the gate scored it (``kimchi-edge build-engine`` does right away,
+    on the bundle's verification set; ``kimchi-edge verify BUNDLE`` does too).
 
     Returns:
         The updated manifest.
@@ -205,10 +206,12 @@ def add_engines(
     new = build_engines(bundle_dir, manifest, precisions, timing_cache=timing_cache, batch=batch, log=log)
     names = {a.name for a in new}
     arts = tuple(a for a in manifest.artifacts if a.name not in names) + tuple(new)
-    rec = dict(manifest.recommended)
-    best = next((a.name for a in new if a.precision == "fp16"), new[0].name if new else None)
-    if best and "tensorrt" not in rec:
-        rec["tensorrt"] = best
-    manifest = manifest.replace(artifacts=arts, recommended=rec)
+    rec = {b: n for b, n in manifest.recommended.items() if n not in names}  # never an engine the gate has not seen
+    gate = manifest.gate
+    if gate is not None:
+        import dataclasses
+
+        gate = dataclasses.replace(gate, artifacts={n: v for n, v in gate.artifacts.items() if n not in names})
+    manifest = manifest.replace(artifacts=arts, recommended=rec, gate=gate)
     write_manifest(bundle_dir, manifest)
     return manifest

@@ -103,8 +103,16 @@ def make_color_bundle(folder: Path, *, gated: bool = True) -> Path:
         items.append({"file": file, "label": label, "prediction": COLOR_LABELS[int(p.argmax())], "probabilities": p.tolist()})
     atomic_write_json(folder / "reference.json", {"data_root": str(images), "labels": list(COLOR_LABELS), "items": items,
                                                   "source": {"what": "mean-colour formula (the test's 'learner')"}})
+    from kimchi_edge.convert.bundle import write_verification_set
     from kimchi_edge.convert.gate import run_gate
+    from kimchi_edge.convert.runfolder import Item
+    from kimchi_edge.runtime.manifest import read_manifest
 
+    vs = write_verification_set(folder, [Item(f, lab) for f, lab, _ in COLOR_IMAGES], [images / f for f, _, _ in COLOR_IMAGES],
+                                COLOR_LABELS)
+    m = read_manifest(folder)
+    write_manifest(folder, m.replace(source={"verification": "verification.json", "verification_images": len(vs.images),
+                                             "verification_sha256": sha256_file(folder / "verification.json")}))
     run_gate(folder, data_root=images, quiet=True)
     return folder
 

@@ -229,13 +229,20 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
         return m
 
     class FakeBackend:
-        """Stands in for TensorRTBackend with its checks: the engine's input dtype is the bundle's, the shape its own."""
+        """Stands in for TensorRTBackend: the same dtype/shape checks, and the engine computes what its ONNX computes
+        (through ONNX Runtime), unless ``broken`` — an engine whose outputs are wrong, which the gate must catch."""
+
+        broken = False
+        name = "tensorrt"
 
         def __init__(self, bundle_dir, manifest, artifact, installed=None):
+            import onnxruntime as ort
+
             self.artifact = artifact
             pre = manifest.preprocessing
             self.input_dtype = np.dtype(pre.dtype)  # an engine built from the bundle's ONNX takes its input dtype
             self.shape = pre.input_shape
+            self.session = ort.InferenceSession(str(bundle_dir / artifact.details["onnx_file"]), providers=["CPUExecutionProvider"])
 
         def infer(self, batch):
             from kimchi_edge.runtime.errors import BackendError
@@ -244,7 +251,18 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
                 raise BackendError(f"got a batch of dtype {batch.dtype}; engine {self.artifact.file} expects {self.input_dtype}")
             if tuple(batch.shape[1:]) != self.shape:
                 raise BackendError(f"got a batch of shape {batch.shape}; engine expects (N, {self.shape})")
-            return np.zeros((len(batch), 3), np.float32)
+            if self.broken:
+                return np.zeros((len(batch), 3), np.float32)
+            inp = self.session.get_inputs()[0]  # the test's colour ONNX takes uint8; a float32 bundle is simulated
+            (out,) = self.session.run(None, {inp.name: batch.astype(np.uint8) if inp.type == "tensor(uint8)" else batch})
+            return out
+
+        def info(self):
+            return {"backend": "tensorrt", "providers": ["TensorRT"], "artifact": self.artifact.name,
+                    "precision": self.artifact.precision, "tensorrt": ORIN["tensorrt"]}
+
+        def close(self):
+            pass
 
         def __enter__(self):
             return self
@@ -258,7 +276,12 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
     monkeypatch.setattr(trt_backend, "TensorRTBackend", FakeBackend)
     assert main(["build-engine", str(bundle), "--fp16", "--max-batch", "4"]) == 0
     assert calls == [(("fp16",), (1, 1, 4))]
-    assert "built trt-fp16: model.fp16.engine" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "built trt-fp16: model.fp16.engine" in out
+    # gated right away on the bundle's verification set, through the runtime: only then recommended and used
+    assert "trt-fp16 passed the accuracy gate here and is recommended for tensorrt" in out
+    m = read_manifest(bundle)
+    assert m.gate.verdict("trt-fp16").providers == ("tensorrt",) and m.recommended["tensorrt"] == "trt-fp16"
     assert main(["build-engine", str(bundle)]) == 0  # compatible engine already there
     assert len(calls) == 1 and "already built for this machine" in capsys.readouterr().out
     assert main(["build-engine", str(bundle), "--force"]) == 0
@@ -275,9 +298,56 @@ def test_build_engine_builds_once_then_keeps_a_compatible_engine(color_bundle, t
     write_manifest(bundle, m.replace(model=dataclasses.replace(
         m.model, preprocessing=dataclasses.replace(m.preprocessing, dtype="float32", batch_resize=True))))
     capsys.readouterr()
-    assert main(["build-engine", str(bundle), "--force", "--json"]) == 0
+    assert main(["build-engine", str(bundle), "--force", "--json", "--no-gate"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["smoke_test"]["input"][1] == "float32" and doc["artifact"]["name"] == "trt-fp16"
+
+
+def test_build_engine_does_not_recommend_an_engine_that_fails_its_gate(color_bundle, tmp_path, monkeypatch, capsys):
+    """The same stand-in, now computing wrong outputs: the engine is recorded as failed and never chosen."""
+    ct = pytest.importorskip("kimchi_edge.convert.tensorrt", reason="needs convert/tensorrt.py")
+    import kimchi_edge.runtime.backends.tensorrt_backend as trt_backend
+    from kimchi_edge.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(color_bundle, bundle)
+
+    def build_engines(bundle_dir, manifest, precisions, *, timing_cache=None, batch=(1, 1, 8), log=print):
+        (bundle_dir / "model.fp16.engine").write_bytes(b"engine")
+        return [engine_entry(manifest.artifact("onnx-fp32"), "fp16", ORIN, sha256=sha256_file(bundle_dir / "model.fp16.engine"))]
+
+    class WrongEngine:
+        name = "tensorrt"
+
+        def __init__(self, bundle_dir, manifest, artifact, installed=None):
+            self.artifact, self.shape = artifact, manifest.preprocessing.input_shape
+
+        def infer(self, batch):
+            assert batch.dtype == np.uint8 and tuple(batch.shape[1:]) == self.shape
+            return np.tile(np.array([[0.0, 0.0, 5.0]], np.float32), (len(batch), 1))  # always "blue"
+
+        def info(self):
+            return {"backend": "tensorrt", "providers": ["TensorRT"], "artifact": self.artifact.name, "precision": "fp16"}
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(ct, "tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr(ct, "build_engines", build_engines)  # the real add_engines around a stubbed TensorRT build
+    monkeypatch.setattr(trt_backend, "installed_facts", lambda: dict(ORIN))
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", WrongEngine)
+    assert main(["build-engine", str(bundle), "--fp16"]) == 1
+    assert "trt-fp16 FAILED the accuracy gate here" in capsys.readouterr().out
+    m = read_manifest(bundle)
+    assert m.gate.verdict("trt-fp16").status == "fail" and "tensorrt" not in m.recommended
+    engine, reasons = choose_engine(m, ORIN, bundle=bundle)
+    assert engine is None and "trt-fp16 failed" in reasons[0]
 
 
 # --------------------------------------------------------------------------- real engines
