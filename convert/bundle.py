@@ -45,6 +45,7 @@ FILES = {
     "onnx-fp32": "model.onnx",
     "onnx-int8": "model.int8.onnx",
     "torchscript": "model.torchscript.pt",
+    "ort-fp32": "model.ort",
 }
 
 
@@ -131,6 +132,7 @@ def bundle_from_run(
     calib_method: str = "minmax",
     calib_seed: int = 0,
     torchscript: bool = True,
+    ort: bool = True,
     engines: Sequence[str] = (),
     timing_cache: str | Path | None = None,
     opset: int = 18,
@@ -159,6 +161,7 @@ def bundle_from_run(
         calib_method: ``minmax``, ``entropy`` or ``percentile``.
         calib_seed: seed of the stratified calibration sample.
         torchscript: write the traced TorchScript model.
+        ort: write ONNX Runtime's mobile format (``model.ort`` + the operator config of a reduced build), gated too.
         engines: TensorRT engine precisions to build (``"fp16"``, ``"int8"``); skipped with one line
             when TensorRT or a GPU is absent.
         timing_cache: TensorRT timing cache (default: beside the bundle).
@@ -211,7 +214,7 @@ def bundle_from_run(
         atomic_write_json(tmp / REFERENCE_NAME, reference_to_dict(ref))
         seconds["reference"] = time.perf_counter() - t
 
-        artifacts = _write_artifacts(learn, tmp, plan, versions, seconds, torchscript=torchscript, opset=opset,
+        artifacts = _write_artifacts(learn, tmp, plan, versions, seconds, torchscript=torchscript, ort=ort, opset=opset,
                                      exporter=exporter, calib_method=calib_method, calib_seed=calib_seed,
                                      batch_size=batch_size, quiet=quiet, say=say, log=log)
         manifest = _manifest(plan, artifacts, versions, sha256_file(tmp / REFERENCE_NAME), torchscript=torchscript,
@@ -313,7 +316,7 @@ def _plan(run_dir: str | Path, out: str | Path | None, *, data_root: str | Path 
 
 
 def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str], seconds: dict[str, float], *,
-                     torchscript: bool, opset: int, exporter: str, calib_method: str, calib_seed: int, batch_size: int,
+                     torchscript: bool, ort: bool, opset: int, exporter: str, calib_method: str, calib_seed: int, batch_size: int,
                      quiet: bool, say: Callable[[str], None], log: Callable[[str], None]) -> list[Artifact]:
     """TorchScript (optional), FP32 ONNX and INT8 QDQ ONNX (optional) into ``tmp``, each timed in ``seconds``."""
     meta = plan.run.meta
@@ -354,6 +357,15 @@ def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str
         artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", onnx_input, onnx_built, details))
         seconds["int8"] = time.perf_counter() - t
         say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
+
+    if ort:
+        from .ort_format import ort_from_onnx
+
+        t = time.perf_counter()
+        details = ort_from_onnx(tmp / FILES["onnx-fp32"], tmp)
+        artifacts.append(_artifact(tmp, "ort-fp32", "ort", "fp32", onnx_input, onnx_built, details))
+        seconds["ort"] = time.perf_counter() - t
+        say(f"convert: ONNX Runtime mobile format (.ort, {details['target_platform']}) in {seconds['ort']:.1f} s")
     return artifacts
 
 

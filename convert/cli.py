@@ -70,6 +70,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="INT8 calibration images, drawn from the training split, stratified by class (default min(200, train))")
     parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="INT8 calibration method (default minmax)")
     parser.add_argument("--no-torchscript", action="store_true", help="do not write the TorchScript model")
+    parser.add_argument("--no-ort", action="store_true", help="do not write the ONNX Runtime mobile-format model (model.ort)")
     parser.add_argument("--fp16", action="store_true", help="build a TensorRT FP16 engine (needs TensorRT and a GPU; skipped with one line otherwise)")
     parser.add_argument("--int8", action="store_true", help="build a TensorRT INT8 engine from the INT8 QDQ model (needs TensorRT and a GPU)")
     parser.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (default: beside the bundle)")
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         calib_method=args.calib_method,
         torchscript=not args.no_torchscript,
+        ort=not args.no_ort,
         engines=engines,
         timing_cache=args.timing_cache,
         opset=args.opset,

@@ -369,7 +369,7 @@ def _score(bundle: Path, manifest: BundleManifest, art: Artifact, ref: Reference
     try:
         if art.format == "torchscript":
             probs, ips, ims, info = _run_torchscript(bundle, art, manifest, files, **run)
-        elif art.format in ("onnx", "tensorrt"):
+        elif art.format in ("onnx", "ort", "tensorrt"):
             probs, ips, ims, info = _run_classifier(bundle, art, files, **run)
         else:
             raise _Skip(f"the runtime does not load {art.format!r} artifacts")

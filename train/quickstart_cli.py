@@ -16,8 +16,8 @@ from typing import Any
 #: The quickstart's recipe for the digits (docs/TRAINING.md has the table it was chosen from).  The 8x8
 #: scans are written at the model's input size, so the pipeline resamples nothing (uint8 model input).
 RECIPE: dict[str, Any] = dict(
-    arch="efficientnet_lite0", size=48, item_size=48, augment=0.0, flip=False, bs=32, epochs=3, freeze_epochs=0,
-    lr_mult=1.0, lr=5e-3, lr_find=False, valid_pct=0.2, test_pct=0.1,
+    arch="efficientnet_lite0", size=48, item_size=48, augment=0.0, flip=False, bs=64, epochs=3, freeze_epochs=0,
+    lr_mult=1.0, lr=1e-2, lr_find=False, valid_pct=0.2, test_pct=0.1,
 )
 
 

@@ -157,10 +157,10 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         BundleError: no ONNX artifact, or none that passed (one line naming gate.md and the way out).
         UsageError: the named artifact is not ONNX, or none in ``precision``.
     """
-    onnx = [a for a in manifest.artifacts if a.format == "onnx"]
+    onnx = [a for a in manifest.artifacts if a.format == "onnx"]  # the .ort copy runs only when named (it is for apps)
     if artifact:
         art = manifest.artifact(artifact)
-        if art.format != "onnx":
+        if art.format not in ("onnx", "ort"):
             raise UsageError(f"artifact {artifact!r} is {art.format}, not ONNX; ONNX artifacts: {[a.name for a in onnx]}")
         reason = ungated_reason(manifest, art)
         if reason and not allow_ungated:

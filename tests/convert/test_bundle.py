@@ -47,7 +47,7 @@ def test_every_artifact_passes_the_gate(built, bundle):
 def test_bundle_contents_and_no_leftovers(bundle):
     names = sorted(p.name for p in bundle.iterdir())
     assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json",
-                            "verification", "verification.json"])
+                            "verification", "verification.json", "model.ort", "model.required_operators.config"])
     assert not list(bundle.parent.glob(".bundle.partial-*"))
 
 
@@ -372,3 +372,15 @@ def test_verify_on_a_moved_bundle_uses_its_own_set(bundle, colour_data, tmp_path
         assert "is labelled" in capsys.readouterr().err
     finally:
         hidden.rename(colour_data)
+
+
+def test_ort_mobile_artifact_is_gated_and_loads_when_named(bundle):
+    m = read_manifest(bundle)
+    art = m.artifact("ort-fp32")
+    assert art.format == "ort" and art.details["required_operators_config"] == "model.required_operators.config"
+    assert any(op.startswith("ai.onnx;") for op in art.details["operators"])
+    assert m.gate.verdict("ort-fp32").status == "pass"  # scored like every other artifact
+    with Classifier.from_bundle(bundle) as clf:  # not picked by default (it is for apps)...
+        assert clf.info["artifact"] != "ort-fp32"
+    with Classifier.from_bundle(bundle, artifact="ort-fp32") as clf:  # ...but runs here when named
+        assert clf.info["artifact"] == "ort-fp32"

@@ -10,6 +10,9 @@ import pytest
 
 from tests.conftest import food10_root
 
+# Before the fixture: without food10 it writes the digits sample, which needs scikit-learn (the train extra too).
+pytest.importorskip("fastai", reason="compares with fastai's own pipeline: needs the train extra (pip install 'kimchi-edge[train]')")
+
 CONFIGS = [
     dict(item_size=460, size=224, min_scale=0.75, resize_method="crop"),  # the seeds' presizing
     dict(item_size=256, size=224, min_scale=1.0, resize_method="crop"),  # affine-resize path
