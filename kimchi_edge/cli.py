@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("kimchi_edge.convert.build_engine_cli", "build a TensorRT engine for this GPU from a bundle's ONNX"),
     "demo": ("kimchi_edge.mobile_demo.cli", "Streamlit camera demo (phone snapshot, live webcam, upload)"),
     "sample": ("kimchi_edge.train.sample_cli", "write the built-in sample dataset (folder per class) to a folder"),
+    "export": ("kimchi_edge.convert.triton_cli", "write a bundle out for a serving system: triton (Triton Inference Server model repository)"),
 }
 
 

@@ -32,7 +32,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--batching", action="store_true", help="run concurrent requests as one inference batch")
     b.add_argument("--max-batch", type=int, default=16, help="largest micro-batch (default: %(default)s)")
     b.add_argument("--batch-wait-ms", type=float, default=0.0, help="wait this long for more requests once one arrived (default: %(default)s)")
+    t = parser.add_argument_group("HTTPS (phones open the camera only over HTTPS)")
+    t.add_argument("--https", action="store_true",
+                   help="serve HTTPS with a self-signed certificate for this machine's LAN addresses (made once, kept in "
+                        "~/.config/kimchi-edge/https); prints the https://LAN-IP address and a QR code")
+    t.add_argument("--ssl-cert", metavar="PEM", help="serve HTTPS with this certificate (and --ssl-key)")
+    t.add_argument("--ssl-key", metavar="PEM", help="private key of --ssl-cert")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
+
+
+def _tls(args: argparse.Namespace):
+    """(cert, key, made) for HTTPS, or (None, None, False): ``--https`` makes/reuses one, ``--ssl-cert/--ssl-key`` are used as given."""
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    if args.https and (args.ssl_cert or args.ssl_key):
+        raise UsageError("--https makes its own certificate; give either --https or --ssl-cert/--ssl-key")
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        raise UsageError("--ssl-cert and --ssl-key go together (a certificate and its private key)")
+    if args.ssl_cert:
+        for flag, path in (("--ssl-cert", args.ssl_cert), ("--ssl-key", args.ssl_key)):
+            if not Path(path).is_file():
+                raise UsageError(f"{flag} {path}: no such file (or use --https for a self-signed one)")
+        return Path(args.ssl_cert), Path(args.ssl_key), False
+    if args.https:
+        from .https import lan_certificate
+
+        return lan_certificate()
+    return None, None, False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, max_pending=args.max_pending, batching=args.batching, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
     )
+    cert, key, made = _tls(args)
     app = create_app(clf, config)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -65,11 +94,18 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     info = clf.info
     host = f"[{args.host}]" if ":" in args.host else args.host
+    scheme = "https" if cert else "http"
     print(f"kimchi-edge serve: {args.bundle} ({info['backend']}, {info['artifact']}, {len(clf.labels)} labels) "
-          f"on http://{host}:{port}  (docs: http://{host}:{port}/docs)", flush=True)
+          f"on {scheme}://{host}:{port}  (docs: {scheme}://{host}:{port}/docs)", flush=True)
+    if args.https:
+        from .https import print_phone_address
+
+        print_phone_address(port, cert, made, path="/docs")
     for note in clf.notes:
         print(f"  note: {note}", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, access_log=args.log_level == "debug"))
+    tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)} if cert else {}
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5,
+                                           access_log=args.log_level == "debug", **tls))
     try:
         server.run(sockets=[sock])
     finally:

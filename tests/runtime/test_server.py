@@ -31,10 +31,10 @@ COLOURS = {RED: (230, 20, 20), GREEN: (20, 230, 20), BLUE: (20, 20, 230)}
 class Server:
     """``kimchi-edge serve BUNDLE --port 0`` in a subprocess; the port is read from its first line."""
 
-    def __init__(self, bundle: Path, log: Path, *extra: str) -> None:
+    def __init__(self, bundle: Path, log: Path, *extra: str, env_extra: dict | None = None, verify=True) -> None:
         cmd = [sys.executable, "-m", "kimchi_edge", "serve", str(bundle), "--host", "127.0.0.1", "--port", "0",
                "--log-level", "warning", *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
         self.log = log
         self._err = open(log, "w", encoding="utf-8")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._err, text=True, encoding="utf-8")
@@ -46,7 +46,7 @@ class Server:
             self.stop()
             raise RuntimeError(f"server did not start within 60 s: {log.read_text()}") from None
         self.url = first.split(" on ", 1)[1].split()[0]
-        self.client = httpx.Client(base_url=self.url, timeout=30, trust_env=False)  # no proxies for loopback
+        self.client = httpx.Client(base_url=self.url, timeout=30, trust_env=False, verify=verify)  # no proxies for loopback
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -324,3 +324,32 @@ def test_no_tracebacks_in_the_server_logs(server, strict_server):
     for s in (server, strict_server):
         log = s.log.read_text(encoding="utf-8")
         assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+def test_serve_https_in_one_flag(color_bundle, tmp_path):
+    """--https makes a certificate for this machine (kept outside the repo, reused), serves TLS, prints the phone URL."""
+    import ssl
+
+    home = tmp_path / "https-home"
+    env = {"KIMCHI_EDGE_HTTPS_DIR": str(home)}
+    # trust exactly the certificate the server will make: made first through the same function
+    from kimchi_edge.runtime.https import lan_certificate
+
+    os.environ["KIMCHI_EDGE_HTTPS_DIR"] = str(home)
+    try:
+        cert, _, made = lan_certificate()
+    finally:
+        del os.environ["KIMCHI_EDGE_HTTPS_DIR"]
+    assert made and cert.parent == home
+    ctx = ssl.create_default_context(cafile=str(cert))
+    srv = Server(color_bundle, tmp_path / "https.log", "--https", env_extra=env, verify=ctx)
+    try:
+        assert srv.url.startswith("https://127.0.0.1:")
+        r = srv.client.post("/predict", content=png(COLOURS[BLUE]), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["label"] == BLUE
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust it is refused: it is really TLS
+            httpx.get(srv.url + "/health", trust_env=False)
+    finally:
+        srv.stop()
+    log = (tmp_path / "https.log").read_text(encoding="utf-8")
+    assert "Traceback" not in log
