@@ -31,12 +31,20 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from kimchi_edge.runtime.errors import BundleError, UsageError
-from kimchi_edge.runtime.manifest import MANIFEST_NAME, Artifact, BundleManifest, artifact_path, read_manifest
+from kimchi_edge.runtime.manifest import (
+    MANIFEST_NAME,
+    Artifact,
+    BundleManifest,
+    artifact_path,
+    read_manifest,
+    verify_artifact,
+)
 
 #: what the client sends and receives (the ensemble's tensors)
 IMAGE_INPUT = "IMAGE"
@@ -150,7 +158,11 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
             gate.md), the ONNX file does not match the manifest, or a label cannot go in a labels file.
         UsageError: an option names an artifact that does not exist or cannot be used.
     """
-    from kimchi_edge.runtime.backends import _refuse, choose_onnx_artifact, ungated_reason
+    from kimchi_edge.runtime.backends import (
+        _refuse,
+        choose_onnx_artifact,
+        ungated_reason,
+    )
 
     opts = options or TritonOptions()
     bundle = Path(bundle_dir)
@@ -163,6 +175,7 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
     why = ungated_reason(manifest, onnx)
     if why:
         ungated.append(why)
+    verify_artifact(bundle, onnx)  # the bytes the gate judged, before anything reads them
     onnx_batch = _check_onnx_interface(bundle, manifest, onnx, notes)
 
     kind, device_note = _onnx_instance_kind(manifest, onnx, opts, bundle, ungated_reason, _refuse)
@@ -171,8 +184,10 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
 
     engine, engine_notes = _choose_engine(manifest, opts, bundle, ungated_reason, _refuse)
     notes += engine_notes
-    if engine is not None and (why := ungated_reason(manifest, engine, provider="tensorrt")):
-        ungated.append(why)
+    if engine is not None:
+        verify_artifact(bundle, engine)
+        if why := ungated_reason(manifest, engine, provider="tensorrt"):
+            ungated.append(why)
     if opts.classify_with == "tensorrt" and engine is None:
         raise UsageError("--classify-with tensorrt needs a gated TensorRT engine in the bundle: "
                          + ("; ".join(engine_notes) or "it has none (build one on the target: kimchi-edge build-engine BUNDLE --fp16)"))
@@ -424,8 +439,9 @@ def export_record(plan: TritonPlan, manifest: BundleManifest) -> dict[str, Any]:
     """``export.json``: which bundle, which artifacts (with their gate verdicts), which options, which models."""
     from dataclasses import asdict
 
-    from kimchi_edge import __version__
     from kimchi_edge.runtime.fsutil import sha256_file
+
+    from kimchi_edge import __version__
 
     def verdict(art: Artifact) -> Any:
         v = manifest.gate.verdict(art.name) if manifest.gate else None
@@ -561,8 +577,9 @@ def export_triton(bundle_dir: str | Path, out: str | Path, options: TritonOption
 
 def describe(plan: TritonPlan, out: str | Path) -> list[str]:
     """What was written, for people: one line per model, the gate's status, notes, how to call it."""
-    lines = [f"Triton model repository {out}: call model {plan.pipeline!r} with {IMAGE_INPUT} (encoded image bytes) -> "
-             f"{PROBABILITIES_OUTPUT}, {LABEL_OUTPUT}"]
+    head = (f"Triton model repository {out}: call model {plan.pipeline!r} with {IMAGE_INPUT} (encoded image bytes) -> "
+            f"{PROBABILITIES_OUTPUT}, {LABEL_OUTPUT}")
+    lines = [head]
     for m in plan.models:
         what = {"preprocess": "decode + preprocess (Python backend, kimchi_edge.runtime.preprocess)",
                 "onnxruntime": f"{plan.onnx.name} ({plan.onnx.file}), onnxruntime backend",
@@ -602,7 +619,10 @@ def _model_dir(args):
 
 
 def _failed(exc):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+    """The error response of a request the runtime refused (INVALID_ARG: the client's HTTP 400)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # error codes: Triton >= 23.04
+    error = pb_utils.TritonError(str(exc)) if code is None else pb_utils.TritonError(str(exc), code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 '''
 

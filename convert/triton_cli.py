@@ -63,7 +63,13 @@ def _run_triton(args: argparse.Namespace) -> int:
     from kimchi_edge.runtime.cliutil import emit, progress_log
     from kimchi_edge.runtime.manifest import read_manifest
 
-    from .triton import EXPORT_RECORD, TritonOptions, describe, export_record, export_triton
+    from .triton import (
+        EXPORT_RECORD,
+        TritonOptions,
+        describe,
+        export_record,
+        export_triton,
+    )
 
     options = TritonOptions(name=args.name, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                             instances=args.instances, device=args.device, classify_with=args.classify_with,

@@ -29,6 +29,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1",
         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 to reach it from a phone on the LAN)",
     )
+    parser.add_argument(
+        "--https", action="store_true",
+        help="HTTPS for phones in one flag: a self-signed certificate for this machine's LAN addresses (made once, kept in "
+             "~/.config/kimchi-edge/https), listens on 0.0.0.0 unless --host, prints the https://LAN-IP address and a QR code",
+    )
     parser.add_argument("--ssl-cert", type=Path, help="PEM certificate: serve HTTPS (needed for the camera on a phone)")
     parser.add_argument("--ssl-key", type=Path, help="PEM private key of --ssl-cert")
     parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="inference backend (default: auto)")
@@ -56,6 +61,14 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
+    if getattr(args, "https", False):
+        if args.ssl_cert or args.ssl_key:
+            raise UsageError("--https makes its own certificate; give either --https or --ssl-cert/--ssl-key")
+        from kimchi_edge.runtime.https import lan_certificate
+
+        args.ssl_cert, args.ssl_key, args._cert_made = lan_certificate()
+        if args.host == "127.0.0.1":  # the point of --https is a phone on the LAN
+            args.host = "0.0.0.0"
     if bool(args.ssl_cert) != bool(args.ssl_key):
         raise UsageError("--ssl-cert and --ssl-key go together (a certificate and its private key); see docs/DEMO.md")
     for flag, path in (("--ssl-cert", args.ssl_cert), ("--ssl-key", args.ssl_key)):
@@ -121,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kimchi-edge demo: no bundle at {bundle} yet; the page explains how to make one (make quickstart).", file=sys.stderr)
     for url in urls(args):
         print(f"kimchi-edge demo: open {url}", file=sys.stderr)
+    if getattr(args, "https", False):
+        from kimchi_edge.runtime.https import print_phone_address
+
+        print_phone_address(args.port, args.ssl_cert, getattr(args, "_cert_made", False), file=sys.stderr)
     if not args.ssl_cert and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("kimchi-edge demo: without --ssl-cert/--ssl-key a phone will refuse the camera (HTTPS needed); see docs/DEMO.md",
               file=sys.stderr)

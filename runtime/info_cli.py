@@ -102,7 +102,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"recommended: {rec}")
     v = info["verification"]
     if v:
-        top1 = f"{v['reference_top1'] * 100:.1f} %" if v["reference_top1"] is not None else "?"
+        top1 = f"{v['reference_top1']:.1%}" if v["reference_top1"] is not None else "?"
         smallest = min(v["per_class"].items(), key=lambda kv: kv[1]) if v["per_class"] else ("-", 0)
         lines.append(f"verification set: {v['images']} validation images from {v['data_root']} "
                      f"(fastai learner {top1} right; smallest class {smallest[0]}: {smallest[1]} images)")

@@ -341,7 +341,7 @@ class GateSummary:
         if self.images:
             facts.append(f"{self.images} validation images")
         if self.reference_top1 is not None:
-            facts.append(f"the fastai learner got {self.reference_top1 * 100:.1f} % of them right")
+            facts.append(f"the fastai learner got {self.reference_top1:.1%} of them right")
         lines = [head + (" on " + ", ".join(facts) if facts else "") + "."]
         lines += [f"{name}: {v.in_words()}" for name, v in self.artifacts.items()]
         return lines

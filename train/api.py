@@ -13,9 +13,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kimchi_edge.runtime.errors import DataError, UsageError
 from kimchi_edge.runtime.fsutil import atomic_directory, atomic_write_json
@@ -87,6 +88,52 @@ class _Fit:
     seconds: float = 0.0
 
 
+@dataclass
+class _Result:
+    """What a finished run reports: ``reports/metrics.json`` and the facts of ``summary.md``."""
+
+    config: TrainConfig
+    split: Any  # runtime.manifest.Split
+    meta: ModelMeta
+    fit: _Fit
+    lr: float
+    lr_info: dict[str, float]
+    valid: dict[str, float]
+    test: dict[str, float] | None
+    device: str
+    preprocess_diff: float
+    wall_s: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            **self.valid,
+            "test": self.test,
+            "n_train": len(self.split.train), "n_valid": len(self.split.valid), "n_test": len(self.split.test),
+            "best_epoch": self.fit.best_epoch,
+            "epochs_run": len(self.fit.history),
+            "lr": self.lr,
+            "lr_find": self.lr_info,
+            "wall_s": self.wall_s,
+            "fit_s": self.fit.seconds,
+            "device": self.device,
+            "preprocess_max_abs_diff_vs_fastai": self.preprocess_diff,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+        }
+
+    def summary_info(self, run_dir: Path) -> dict[str, Any]:
+        c, p = self.config, self.meta.preprocessing
+        return {
+            "arch": c.arch, "data_root": self.split.data_root, "labels": list(self.meta.labels),
+            "n_train": len(self.split.train), "n_valid": len(self.split.valid), "n_test": len(self.split.test),
+            "layout": self.split.layout, "valid_pct": c.valid_pct, "test_pct": c.test_pct, "seed": c.seed,
+            "excluded": list(self.split.excluded), "pretrained": self.meta.pretrained, "item_size": c.item_size,
+            "size": c.size, "mean": [round(v, 4) for v in p.mean], "std": [round(v, 4) for v in p.std], "lr": self.lr,
+            "lr_find": self.lr_info, "schedule": ", ".join(self.fit.schedule), "device": self.device, "wall_s": self.wall_s,
+            "metrics": self.valid, "test_metrics": self.test, "best_epoch": self.fit.best_epoch,
+            "epochs_run": len(self.fit.history), "run_dir": str(run_dir),
+        }
+
+
 def lr_find_iterations(n_train: int, bs: int, requested: int | None = None) -> int:
     """Iterations for ``lr_find``: ``requested``, else about two epochs' worth of batches within [20, 100].
 
@@ -152,45 +199,24 @@ def train(config: TrainConfig, *, log: Log | None = None) -> Path:
         spec, diff = _check_preprocessing(learn)
         lr, lr_info = _choose_lr(learn, config, reports, say)
         fit = _fit(learn, config, lr, say)
-        say("evaluating the exported epoch ...")
+        t_eval = time.perf_counter()
         valid_metrics = _evaluate(learn, device)
         test_metrics = _evaluate(learn, device, files=[f for f, _ in scan.test]) if scan.test else None
         rep.interpretation(learn, reports, top_losses=config.top_losses)
         rep.write_history(reports, fit.history)
         rep.plot_history(reports, fit.history, fit.best_epoch)
+        say(f"evaluated the exported epoch {fit.best_epoch} on {len(learn.dls.valid_ds)} validation"
+            + (f" and {len(scan.test)} test" if scan.test else "") + f" images in {time.perf_counter() - t_eval:.0f} s")
         _export(learn, run)
 
-        vocab = [str(v) for v in learn.dls.vocab]
-        meta = ModelMeta(labels=tuple(vocab), architecture=config.arch, preprocessing=spec, pretrained=weights_source,
-                         framework=_versions())
+        meta = ModelMeta(labels=tuple(str(v) for v in learn.dls.vocab), architecture=config.arch, preprocessing=spec,
+                         pretrained=weights_source, framework=_versions())
         atomic_write_json(run / MODEL_META_NAME, to_dict(meta))
         split = write_split(run / SPLIT_NAME, scan, learn, config)
-
-        wall = time.time() - t_start
-        metrics = {
-            **valid_metrics,
-            "test": test_metrics,
-            "n_train": len(split.train), "n_valid": len(split.valid), "n_test": len(split.test),
-            "best_epoch": fit.best_epoch,
-            "epochs_run": len(fit.history),
-            "lr": lr,
-            "lr_find": lr_info,
-            "wall_s": wall,
-            "fit_s": fit.seconds,
-            "device": device.description,
-            "preprocess_max_abs_diff_vs_fastai": diff,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        }
-        atomic_write_json(reports / "metrics.json", metrics)
-        rep.write_summary(run / "summary.md", {
-            "arch": config.arch, "data_root": str(scan.root), "labels": vocab, "n_train": len(split.train),
-            "n_valid": len(split.valid), "n_test": len(split.test), "layout": scan.layout, "valid_pct": config.valid_pct,
-            "test_pct": config.test_pct, "seed": config.seed, "excluded": scan.excluded, "pretrained": weights_source,
-            "item_size": config.item_size, "size": config.size, "mean": [round(v, 4) for v in spec.mean],
-            "std": [round(v, 4) for v in spec.std], "lr": lr, "lr_find": lr_info, "schedule": ", ".join(fit.schedule),
-            "device": device.description, "wall_s": wall, "metrics": valid_metrics, "test_metrics": test_metrics,
-            "best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "run_dir": str(out),
-        })
+        result = _Result(config, split, meta, fit, lr, lr_info, valid_metrics, test_metrics, device.description, diff,
+                         wall_s=time.time() - t_start)
+        atomic_write_json(reports / "metrics.json", result.metrics())
+        rep.write_summary(run / "summary.md", result.summary_info(out))
     return out
 
 

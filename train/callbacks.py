@@ -9,7 +9,8 @@ Here every epoch has one index for the whole run (``history.json``, the plot, ``
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback

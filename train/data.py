@@ -26,7 +26,9 @@ from kimchi_edge.runtime.errors import DataError, InvalidInputError
 from kimchi_edge.runtime.preprocess import decode_image
 from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES
 
-from .image_type import PILImageUpright  # fastai's image type (None without fastai), see that module
+from .image_type import (
+    PILImageUpright,  # fastai's image type (None without fastai), see that module
+)
 
 SPLIT_NAMES = ("train", "valid")
 TEST_NAME = "test"

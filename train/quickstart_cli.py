@@ -15,10 +15,10 @@ from typing import Any
 
 #: The quickstart's recipe for the digits (docs/TRAINING.md has the table it was chosen from).  The 8x8
 #: scans are written at the model's input size, so the pipeline resamples nothing (uint8 model input).
-RECIPE: dict[str, Any] = dict(
-    arch="efficientnet_lite0", size=48, item_size=48, augment=0.0, flip=False, bs=64, epochs=3, freeze_epochs=0,
-    lr_mult=1.0, lr=1e-2, lr_find=False, valid_pct=0.2, test_pct=0.1,
-)
+RECIPE: dict[str, Any] = {
+    "arch": "efficientnet_lite0", "size": 48, "item_size": 48, "augment": 0.0, "flip": False, "bs": 64, "epochs": 4,
+    "freeze_epochs": 0, "lr_mult": 1.0, "lr": 1e-2, "lr_find": False, "valid_pct": 0.2, "test_pct": 0.1,
+}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = progress_log(args)
     quiet = args.quiet or args.json  # fastai's and the converter's own bars write to stdout
-    t0 = time.time()
+    t0 = time.time() - _seconds_since_process_start()  # imports count: they are part of what the user waits for
     data = args.data
     if data is None:
         data = args.out.parent / "sample-digits"
@@ -66,6 +66,20 @@ def run(args: argparse.Namespace) -> int:
     doc = proof(run_dir, result, gate_doc(result.gate), data, time.time() - t0)
     emit(args, doc, "\n" + "\n".join(doc["summary"]))
     return 0
+
+
+def _seconds_since_process_start() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0 elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def proof(run_dir: Path, result: Any, gate: dict[str, Any], data: Path, seconds: float) -> dict[str, Any]:

@@ -58,8 +58,7 @@ def server(color_bundle, import_log, tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def make_browser(tmp_path_factory, *extra_flags: str):
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
@@ -71,11 +70,18 @@ def browser(tmp_path_factory):
         "--window-size=1280,1300",
         "--use-fake-device-for-media-stream",  # a synthetic camera (green test pattern)
         "--use-fake-ui-for-media-stream",  # grant the camera without a prompt
+        *extra_flags,
     ):
         opts.add_argument(flag)
     # An explicit driver path keeps Selenium Manager from trying to download one.
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(WAIT_S)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = make_browser(tmp_path_factory)
     yield driver
     driver.quit()
 
@@ -139,7 +145,7 @@ def click_component_button(driver, label: str, timeout: float = WAIT_S) -> None:
 def test_page_loads_and_upload_shows_prediction(server, browser, tmp_path):
     open_tab(browser, server, "Upload")
     page = wait_text(browser, "Labels (3)", "빨강 red", "Input size 32×32", "onnxruntime",
-                     "Accuracy gate passed on 120 validation images, the fastai learner got 91.5 % of them right.",
+                     "Accuracy gate passed on 120 validation images, the fastai learner got 91.5% of them right.",
                      "In use onnx-fp32 passed: 91.2% right, 0.25 points below the fastai learner")
     assert "Traceback" not in page
     red, blue, muddy = tmp_path / "red.jpg", tmp_path / "blue rgba.png", tmp_path / "muddy.jpg"
@@ -198,3 +204,37 @@ def test_server_process_imported_no_torch_or_fastai(server, browser, import_log)
     """Runs after the tests above exercised every path in the real server process."""
     attempts = import_log.read_text(encoding="utf-8").splitlines() if import_log.exists() else []
     assert attempts == [], f"the demo server tried to import: {attempts}"
+
+
+def test_snapshot_over_https_in_one_flag(color_bundle, tmp_path_factory):
+    """``kimchi-edge demo --https``: the self-signed LAN certificate, accepted by Chromium (by its key, as a phone
+    user does once), a secure context, and a fake-camera snapshot classified over it."""
+    import base64
+    import hashlib
+
+    pytest.importorskip("cryptography", reason="--https needs cryptography (the demo extra)")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    home = tmp_path_factory.mktemp("https-home")
+    env = {**os.environ, "KIMCHI_EDGE_HTTPS_DIR": str(home)}
+    log = tmp_path_factory.mktemp("demo_https") / "server.log"
+    with demo_server([str(color_bundle), "--https", "--host", "127.0.0.1"], env, log, scheme="https") as url:
+        cert = x509.load_pem_x509_certificate((home / "kimchi-edge-lan.pem").read_bytes())
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+        driver = make_browser(tmp_path_factory, f"--ignore-certificate-errors-spki-list={pin}")
+        try:
+            open_tab(driver, url, "Snapshot")
+            assert driver.execute_script("return window.isSecureContext") is True
+            button = WebDriverWait(driver, WAIT_S).until(
+                lambda d: next((b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Take Photo" and b.is_enabled()), None)
+            )
+            time.sleep(1.0)
+            button.click()
+            wait_text(driver, "Prediction: 초록 green")
+            screenshot(driver, "demo_snapshot_https.png")
+        finally:
+            driver.quit()
+    printed = log.read_text(encoding="utf-8", errors="replace")
+    assert "on your phone (same Wi-Fi): https://" in printed and "█" in printed  # the address and its QR code

@@ -170,7 +170,7 @@ def test_gate_summary_in_words_from_the_typed_manifest_entry():
     }, "gate")
     head, lines = gate_summary(summary)
     assert head == "gate FAILED"
-    assert lines[0] == "Accuracy gate FAILED on 200 validation images, the fastai learner got 91.5 % of them right."
+    assert lines[0] == "Accuracy gate FAILED on 200 validation images, the fastai learner got 91.5% of them right."
     assert lines[1:] == ["onnx-fp32: passed", "onnx-int8: failed: loses 5.30 points > 1",
                          "torchscript: not scored: torch is not installed here"]
     assert not any("reference_top1" in line or "thresholds" in line for line in lines)  # no raw keys

@@ -91,7 +91,7 @@ def tiny_cli(kimchi_tree, tmp_path_factory) -> CliRun:
     args = ["train", str(kimchi_tree), "--out", str(out), "--arch", "efficientnet_lite0", "--item-size", "40", "--size", "32",
             "--no-flip", "--epochs", "1", "--freeze-epochs", "1", "--bs", "16", "--test-pct", "0.2", "--json"]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.run([sys.executable, "-c", STRICT_WARNINGS_MAIN, *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", STRICT_WARNINGS_MAIN, *args], capture_output=True, text=True, check=False,
                           encoding="utf-8", timeout=900, cwd=REPO, env=env)
     return CliRun(out, proc.returncode, proc.stdout, proc.stderr)
 

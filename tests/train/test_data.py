@@ -2,10 +2,10 @@ import json
 import shutil
 
 import pytest
+from kimchi_edge.train.data import scan_dataset
 
 from kimchi_edge.cli import main
 from tests.train.conftest import KIMCHI_CLASSES, build_tree
-from kimchi_edge.train.data import scan_dataset
 
 
 def test_random_layout_korean_names_and_screening(kimchi_tree):
@@ -64,9 +64,8 @@ def test_single_class_after_screening(tmp_path, capsys, digits):
 
 
 def test_sample_is_real_digits(digits):
-    from PIL import Image
-
     from kimchi_edge.train.sample import SAMPLE_LABELS
+    from PIL import Image
 
     assert sorted(p.name for p in digits.iterdir()) == sorted(SAMPLE_LABELS)
     im = Image.open(next((digits / "8 팔").glob("*.png")))

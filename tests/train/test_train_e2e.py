@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from kimchi_edge.runtime.manifest import read_model_meta
+
 from tests.train.conftest import KIMCHI_CLASSES
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_no_third_party_warnings(tiny_cli, tiny_run):
 def test_epoch_numbering_is_one_for_the_whole_run(tiny_cli, tiny_run):
     history = json.loads((tiny_run / "reports" / "history.json").read_text())
     metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
-    printed = re.findall(r"^epoch (\d+) \((\d+)/(\d+)\) (\w+) .*?(best so far)?(?:  ETA.*)?$", tiny_cli.stderr, re.M)
+    printed = re.findall(r"^epoch (\d+) \((\d+)/(\d+)\) (\w+) .*?(best so far)?(?:  ETA.*)?$", tiny_cli.stderr, re.MULTILINE)
     assert [int(p[0]) for p in printed] == [h["epoch"] for h in history] == [0, 1]
     assert [p[3] for p in printed] == [h["phase"] for h in history] == ["frozen", "unfrozen"]
     best_printed = [int(p[0]) for p in printed if p[4]]

@@ -19,9 +19,15 @@ venv="${KIMCHI_EDGE_TRITON_VENV:-$repo/.venv-triton}"
 python="${KIMCHI_EDGE_TRITON_PYTHON:-/usr/bin/python3.11}"
 pytriton="${KIMCHI_EDGE_PYTRITON:-nvidia-pytriton==0.7.0}"
 
-if [ -f "$venv/.installed" ]; then
+# kimchi_edge in the venv must be this checkout (an editable install of another clone would serve other code)
+imports_here() { "$venv/bin/python" -c 'import sys, kimchi_edge; sys.exit(0 if kimchi_edge.__file__.startswith(sys.argv[1]) else 1)' "$repo/" 2>/dev/null; }
+if [ -f "$venv/.installed" ] && imports_here; then
   echo "triton venv: $venv is ready ($(cat "$venv/.installed"))"
   exit 0
+fi
+if [ -f "$venv/pyvenv.cfg" ]; then
+  echo "triton venv: $venv is incomplete or installs another checkout; rebuilding it"
+  rm -rf "$venv"
 fi
 if ! "$python" -c 'import sys, sysconfig; sys.exit(0 if sys.version_info[:2] == (3, 11) and sysconfig.get_config_var("Py_ENABLE_SHARED") else 1)' 2>/dev/null; then
   echo "triton venv: $python is not a Python 3.11 with a shared libpython (Debian: apt-get install python3.11-venv);" \
@@ -34,7 +40,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --progress-bar off --no-deps -e "$repo"
 server="$("$venv/bin/python" -c 'import pathlib, pytriton; print(pathlib.Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver")')"
 test -x "$server" || { echo "triton venv: nvidia-pytriton installed no tritonserver at $server" >&2; exit 1; }
-"$venv/bin/python" -c 'import kimchi_edge.runtime.preprocess, onnxruntime, tritonclient.http' \
-  || { echo "triton venv: kimchi_edge / onnxruntime / tritonclient do not import in $venv" >&2; exit 1; }
+"$venv/bin/python" -c 'import kimchi_edge.runtime.preprocess, onnxruntime, tritonclient.http' && imports_here \
+  || { echo "triton venv: kimchi_edge (of $repo) / onnxruntime / tritonclient do not import in $venv" >&2; exit 1; }
 "$venv/bin/python" -c 'import importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in ("nvidia-pytriton", "onnxruntime", "numpy", "Pillow")))' > "$venv/.installed"
 echo "triton venv: ready at $venv ($(cat "$venv/.installed")); tritonserver: $server"
