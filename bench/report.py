@@ -36,8 +36,6 @@ TITLES = {
 }
 SHORT = {"fastai": "fastai", "torch-eager": "torch eager", "torchscript": "TorchScript", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8 (bundle, s8)",
          "ort-int8-u8": "ORT INT8 (u8, re-quantized)"}
-#: tensor -> logits at batch 1, 2 threads, measured once on this kind of box (given in the issue).
-REFERENCE_INFER_MS = {"fastai": 36.0, "torch-eager": 28.0, "ort-fp32": 18.0, "ort-int8": 6.0, "ort-int8-u8": 6.0}
 RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-u8")
 GOALS = {"speedup": 6.0, "agreement": 0.99, "peak_fraction": 0.70, "pre_share": 0.15, "cold_ms": 1000.0, "rss_mb": 200.0}
 
@@ -281,19 +279,6 @@ def summary(results: dict[str, Any]) -> list[str]:
                 out.append(f"`{k.split(': ', 1)[1]}` took {ms[k]['p50'] / fp_def['p50']:.2f}x the time of the {results['threads']}-thread "
                            f"default while other processes used {f(other, 1)} CPUs: threads that spin, or wait for a descheduled "
                            "sibling, lose on a shared CPU; on an idle CPU the default is expected to win (not measured here)")
-    r32 = _ok(paths, "ort-fp32")
-    if base and r32:
-        ratio = base["batch1"]["stages_ms"]["infer"]["p50"] / r32["batch1"]["stages_ms"]["infer"]["p50"]
-        ref = REFERENCE_INFER_MS["fastai"] / REFERENCE_INFER_MS["ort-fp32"]
-        one = results.get("one_thread") or {}
-        o_b, o_r = one.get("fastai"), one.get("ort-fp32")
-        at1 = ""
-        if o_b and o_r and "error" not in o_b and "error" not in o_r:
-            at1 = f" ({o_b['batch1']['stages_ms']['infer']['p50'] / o_r['batch1']['stages_ms']['infer']['p50']:.2f}x at 1 thread)"
-        out.append(f"inference alone (tensor -> logits): fastai's model forward / ORT FP32 = {ratio:.2f}x in this run{at1} against "
-                   f"{ref:.2f}x in the reference points measured once on an idle box of this kind"
-                   + (f": under this load the torch-based paths lose more than ONNX Runtime, so the speed-ups above are probably "
-                      f"inflated, by up to ~{ratio / ref:.1f}x" if ratio > 1.2 * ref else ""))
     for name in ("ort-fp32",):
         r = _ok(paths, name)
         if r and "phone" in r:
@@ -329,7 +314,6 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         phone_section(results),
         goals_section(results),
         compute_section(results),
-        reference_section(results),
         experiments_section(results),
         gpu_section(results),
         load_section(results),
@@ -579,24 +563,6 @@ def compute_section(results: dict[str, Any]) -> list[str]:
         L += [""] + _table(hdr, rows)
         L += ["", "Batch 1 inference is the batch-1 series' `infer` stage median; batch 8/32 are tensor -> logits per image from the "
               "experiments process (interleaved).", ""]
-    return L
-
-
-def reference_section(results: dict[str, Any]) -> list[str]:
-    """Measured inference against the reference points of :data:`REFERENCE_INFER_MS`."""
-    paths = results["paths"]
-    L: list[str] = []
-    L += ["## Against the reference points (tensor -> logits, batch 1, 2 threads)", ""]
-    rows = []
-    for name in TITLES:
-        r = _ok(paths, name)
-        if not r:
-            continue
-        infer = r["batch1"]["stages_ms"]["infer"]["p50"]
-        ref = REFERENCE_INFER_MS.get(name)
-        rows.append([TITLES[name], f(infer, 1), f(ref, 0) if ref else "—", f"{infer / ref:.2f}x" if ref else "—"])
-    L += _table(["path", "measured infer p50 ms", "reference ms", "measured / reference"], rows)
-    L += ["", "fastai's figure is its model forward inside `learn.predict` (forward hooks), i.e. the same network as torch eager.", ""]
     return L
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+# the runtime's gate policy, reused as is (_refuse: its one-line refusal naming gate.md and --allow-ungated)
+from kimchi_edge.runtime.backends import _refuse, choose_onnx_artifact, ungated_reason
 from kimchi_edge.runtime.errors import BundleError, UsageError
 from kimchi_edge.runtime.manifest import (
     MANIFEST_NAME,
@@ -158,12 +160,6 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
             gate.md), the ONNX file does not match the manifest, or a label cannot go in a labels file.
         UsageError: an option names an artifact that does not exist or cannot be used.
     """
-    from kimchi_edge.runtime.backends import (
-        _refuse,
-        choose_onnx_artifact,
-        ungated_reason,
-    )
-
     opts = options or TritonOptions()
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
@@ -178,11 +174,11 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
     verify_artifact(bundle, onnx)  # the bytes the gate judged, before anything reads them
     onnx_batch = _check_onnx_interface(bundle, manifest, onnx, notes)
 
-    kind, device_note = _onnx_instance_kind(manifest, onnx, opts, bundle, ungated_reason, _refuse)
+    kind, device_note = _onnx_instance_kind(manifest, onnx, opts, bundle)
     if device_note:
         notes.append(device_note)
 
-    engine, engine_notes = _choose_engine(manifest, opts, bundle, ungated_reason, _refuse)
+    engine, engine_notes = _choose_engine(manifest, opts, bundle)
     notes += engine_notes
     if engine is not None:
         verify_artifact(bundle, engine)
@@ -264,8 +260,7 @@ def _check_onnx_interface(bundle: Path, manifest: BundleManifest, art: Artifact,
     return 0
 
 
-def _onnx_instance_kind(manifest: BundleManifest, art: Artifact, opts: TritonOptions, bundle: Path,
-                        ungated_reason: Any, refuse: Any) -> tuple[str, str]:
+def _onnx_instance_kind(manifest: BundleManifest, art: Artifact, opts: TritonOptions, bundle: Path) -> tuple[str, str]:
     """``KIND_*`` of the onnxruntime model, and a note when ``auto`` kept it on the CPU because of the gate.
 
     Triton's onnxruntime backend runs ``KIND_GPU``/``KIND_AUTO`` instances with the CUDA execution provider: that is
@@ -276,7 +271,7 @@ def _onnx_instance_kind(manifest: BundleManifest, art: Artifact, opts: TritonOpt
     cuda_why = ungated_reason(manifest, art, provider="CUDAExecutionProvider")
     if opts.device == "gpu":
         if cuda_why and not opts.allow_ungated:
-            raise refuse(cuda_why + "; --device gpu runs it with CUDAExecutionProvider", bundle)
+            raise _refuse(cuda_why + "; --device gpu runs it with CUDAExecutionProvider", bundle)
         return "KIND_GPU", ""
     if cuda_why and not opts.allow_ungated:
         return "KIND_CPU", (f"the onnxruntime model runs on the CPU (KIND_CPU): {cuda_why}; score it on the GPU machine with "
@@ -284,8 +279,7 @@ def _onnx_instance_kind(manifest: BundleManifest, art: Artifact, opts: TritonOpt
     return "KIND_AUTO", ""
 
 
-def _choose_engine(manifest: BundleManifest, opts: TritonOptions, bundle: Path, ungated_reason: Any,
-                   refuse: Any) -> tuple[Optional[Artifact], list[str]]:
+def _choose_engine(manifest: BundleManifest, opts: TritonOptions, bundle: Path) -> tuple[Optional[Artifact], list[str]]:
     """The TensorRT engine to export: the one asked for, else the recommended/best gated one (int8 > fp16 > fp32)."""
     from kimchi_edge.runtime.backends.tensorrt_backend import PRECISION_ORDER
 
@@ -296,7 +290,7 @@ def _choose_engine(manifest: BundleManifest, opts: TritonOptions, bundle: Path, 
             raise UsageError(f"artifact {opts.engine!r} is {eng.format}, not a TensorRT engine; engines: {[a.name for a in engines]}")
         why = ungated_reason(manifest, eng, provider="tensorrt")
         if why and not opts.allow_ungated:
-            raise refuse(why, bundle)
+            raise _refuse(why, bundle)
         return eng, []
     notes, gated = [], []
     for eng in engines:
