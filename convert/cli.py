@@ -24,6 +24,8 @@ def add_gate_args(parser: argparse.ArgumentParser) -> None:
                    help="FP32/FP16 artifacts may lose at most POINTS of top-1 accuracy (default 0.5)")
     g.add_argument("--int8-max-loss", type=float, default=1.0, metavar="POINTS",
                    help="INT8 artifacts losing more are not recommended (default 1.0)")
+    g.add_argument("--int8-min-agreement", type=float, default=98.0, metavar="PCT",
+                   help="INT8 artifacts must also agree with the learner's top-1 on at least PCT %% of images (default 98)")
     g.add_argument("--fast-decode", action="store_true",
                    help="score with the runtime's reduced-scale JPEG decoding instead of full-size decoding")
     g.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per inference call (default 16)")
@@ -35,13 +37,15 @@ def thresholds_from_args(args: argparse.Namespace):
 
     from .gate import Thresholds
 
-    if not 0 <= args.min_agreement <= 100:
-        raise UsageError(f"--min-agreement {args.min_agreement}: expected a percentage between 0 and 100")
+    for flag, value in (("--min-agreement", args.min_agreement), ("--int8-min-agreement", args.int8_min_agreement)):
+        if not 0 <= value <= 100:
+            raise UsageError(f"{flag} {value}: expected a percentage between 0 and 100")
     if args.max_loss < 0 or args.int8_max_loss < 0:
         raise UsageError("--max-loss and --int8-max-loss are accuracy points and cannot be negative")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: expected at least 1")
-    return Thresholds(min_agreement=args.min_agreement / 100.0, max_loss_points=args.max_loss, int8_max_loss_points=args.int8_max_loss)
+    return Thresholds(min_agreement=args.min_agreement / 100.0, max_loss_points=args.max_loss,
+                      int8_max_loss_points=args.int8_max_loss, int8_min_agreement=args.int8_min_agreement / 100.0)
 
 
 def gate_doc(report) -> dict:

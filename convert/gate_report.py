@@ -165,7 +165,7 @@ def format_markdown(report: GateReport) -> str:
         "fed the same image files through the kimchi-edge runtime preprocessing.",
         "",
         f"Thresholds: FP32/FP16 agree ≥ {t.min_agreement * 100:g}% and lose ≤ {t.max_loss_points:g} points; "
-        f"INT8 loses ≤ {t.int8_max_loss_points:g} points (else not recommended).",
+        f"INT8 agrees ≥ {t.int8_min_agreement * 100:g}% and loses ≤ {t.int8_max_loss_points:g} points (else not recommended).",
         "Intervals (95%): Wilson for accuracy and agreement; for Δ, Wilson intervals of the images only one side",
         "gets right, combined by MOVER (paired: images both get right or both get wrong cancel).",
         "",

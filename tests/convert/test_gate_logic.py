@@ -52,13 +52,24 @@ def _result(name: str, precision: str, agreement: float, delta: float) -> Artifa
     ("fp32", 0.994, 0.0, "fail"),     # agreement below 99.5 %
     ("fp32", 0.999, -0.006, "fail"),  # loses 0.6 points
     ("fp16", 0.995, -0.005, "pass"),  # exactly at the limits
-    ("int8", 0.95, -0.009, "pass"),   # INT8: only the loss counts by default
-    ("int8", 0.99, -0.011, "fail"),
+    ("int8", 0.95, -0.009, "fail"),   # INT8: within 1 point but agrees on only 95 % (< the 98 % floor)
+    ("int8", 0.98, -0.010, "pass"),   # exactly at both INT8 limits
+    ("int8", 0.99, -0.011, "fail"),   # agrees, but loses 1.1 points
 ])
 def test_thresholds(precision, agreement, delta, status):
     r = _result("x", precision, agreement, delta)
     decide(r, Thresholds())
     assert r.status == status, r.reason
+
+
+def test_int8_floor_is_configurable_and_in_the_reason():
+    r = _result("onnx-int8", "int8", 0.976, 0.0)
+    decide(r, Thresholds())
+    assert r.status == "fail" and r.reason == "agreement 97.60% < 98%"
+    decide(r, Thresholds(int8_min_agreement=0.97))
+    assert r.status == "pass"
+    decide(r, Thresholds(int8_min_agreement=0.977))  # raised past what the artifact reaches: fails again
+    assert r.status == "fail"
 
 
 def _manifest(*names: str) -> BundleManifest:
