@@ -20,7 +20,10 @@ from tests.conftest import REPO
 
 BLOCKED = ("torch", "torchvision", "fastai", "fastcore", "timm", "tensorrt", "onnxscript")
 LIGHT_MODULES = ("kimchi_edge.convert", "kimchi_edge.convert.gate", "kimchi_edge.convert.verify_cli", "kimchi_edge.convert.cli", "kimchi_edge.convert.tensorrt", "kimchi_edge.convert.runfolder",
-                 "kimchi_edge.convert.progress", "kimchi_edge.convert.errors", "kimchi_edge.convert.torchscript")
+                 "kimchi_edge.convert.progress", "kimchi_edge.convert.errors", "kimchi_edge.convert.torchscript",
+                 "kimchi_edge.convert.triton", "kimchi_edge.convert.triton_cli", "kimchi_edge.convert.gate_stats",
+                 "kimchi_edge.convert.gate_policy", "kimchi_edge.convert.gate_report", "kimchi_edge.convert.build_engine_cli",
+                 "kimchi_edge.convert.ort_format")
 
 BLOCKER = textwrap.dedent(
     f"""
