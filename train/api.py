@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import sys
 import time
@@ -436,10 +435,10 @@ def write_split(path: Path, scan, learn, config: TrainConfig):
 
 
 def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    from kimchi_edge.runtime.sysinfo import loadavg
+
+    one = loadavg()
+    return one[0] if one else None
 
 
 def _versions() -> dict[str, str]:

@@ -37,14 +37,16 @@ def default_threads(cores: int | None = None, load: float | None = None) -> int:
 
     Args:
         cores: cores available (default :func:`cpu_count`).
-        load: load average (default ``os.getloadavg()[0]``; all cores when it is unknown).
+        load: 1-minute load average (default: :func:`kimchi_edge.runtime.sysinfo.loadavg`; all cores when unknown).
     """
     cores = cpu_count() if cores is None else cores
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
+        from kimchi_edge.runtime.sysinfo import loadavg
+
+        one = loadavg()
+        if not one:
             return cores
+        load = one[0]
     return max(1, min(cores, int(cores - load + 0.5)))
 
 
