@@ -20,8 +20,11 @@ Policy (thresholds configurable, :class:`Thresholds`):
   names the FP32 (ONNX Runtime) / FP16 (TensorRT) artifact used instead.
 
 TorchScript artifacts are scored only where torch is importable (in ``convert``); elsewhere they are
-skipped with that reason.  Results go to ``gate.md``, ``gate.json`` and the ``gate`` entry of
-``manifest.json`` (all written atomically), and the recommendation per backend is updated.
+skipped with that reason.  Where OpenVINO is installed, every ONNX artifact is scored a second time through the
+runtime's OpenVINO backend (row ``"onnx-int8 @ openvino"``, same thresholds): that row decides only whether the
+runtime may run the artifact on OpenVINO (``"openvino"`` in its verdict's providers), never the artifact's status.
+Results go to ``gate.md``, ``gate.json`` and the ``gate`` entry of ``manifest.json`` (all written atomically), and
+the recommendation per backend is updated.
 """
 
 from __future__ import annotations
@@ -173,10 +176,11 @@ class _Skip(Exception):
     pass
 
 
-def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool) -> tuple[np.ndarray, float, float, dict]:
+def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool,
+                    backend: str | None = None) -> tuple[np.ndarray, float, float, dict]:
     from kimchi_edge.runtime.classifier import Classifier
 
-    backend = "tensorrt" if art.format == "tensorrt" else "onnxruntime"
+    backend = backend or ("tensorrt" if art.format == "tensorrt" else "onnxruntime")
     try:
         # the gate is what makes an artifact gated: it must load the candidate before any verdict exists
         clf = Classifier.from_bundle(bundle, backend=backend, artifact=art.name, threads=threads, fast_decode=fast_decode,
@@ -190,7 +194,7 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
     with clf:
         clf.predict_batch(files[: min(len(files), batch_size)], batch_size=batch_size)  # warm-up
         probs, infer = [], 0.0
-        bar = progress(total=len(files), desc=f"gate {art.name}", quiet=quiet, unit="img")
+        bar = progress(total=len(files), desc=f"gate {art.name}" + (" @ openvino" if backend == "openvino" else ""), quiet=quiet, unit="img")
         t0 = time.perf_counter()
         for s in range(0, len(files), batch_size):
             preds = clf.predict_batch(files[s : s + batch_size], batch_size=batch_size)
@@ -199,7 +203,8 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
             bar.update(len(preds))
         wall = time.perf_counter() - t0
         bar.close()
-        info = {k: v for k, v in clf.info.items() if k in ("backend", "providers", "artifact", "precision", "threads", "onnxruntime")}
+        info = {k: v for k, v in clf.info.items() if k in ("backend", "providers", "artifact", "precision", "threads", "onnxruntime",
+                                                            "openvino", "device", "performance_hint", "inference_precision", "cpu_pinning")}
         session = getattr(clf.backend, "session", None)
         if session is not None:  # ONNX: the labels/preprocessing embedded at export time
             try:
@@ -249,6 +254,7 @@ def run_gate(
     threads: int | None = None,
     fast_decode: bool = False,
     check_fast_decode: bool = True,
+    openvino: bool = True,
     quiet: bool = False,
     write: bool = True,
     raise_on_failure: bool = True,
@@ -270,6 +276,8 @@ def run_gate(
             reference decoded every image at full size, so the verdict isolates the artifact.
         check_fast_decode: also score ``onnx-fp32`` with the runtime's default fast JPEG decoding and
             report it as an informational row (never fails the gate).
+        openvino: where OpenVINO is installed, also score each ONNX artifact on it (row ``"NAME @ openvino"``); only
+            an artifact whose row passed may run on the OpenVINO backend.  The rows never change an artifact's status.
         quiet: no progress bars and no table.
         write: write ``gate.md``, ``gate.json`` and the manifest's ``gate``/``recommended``.
         raise_on_failure: raise :class:`GateFailed` when an FP32/FP16 artifact fails.
@@ -306,14 +314,16 @@ def run_gate(
         row, fast_ok = _fast_decode_row(bundle, manifest.artifact("onnx-fp32"), ref, files, thresholds, **run)
         info_rows.append(row)
 
+    ov_rows = _openvino_rows(bundle, manifest, chosen, ref, files, thresholds, fast_decode=fast_decode, **run) if openvino else []
+
     status = _statuses(manifest, results)
     recommended, notes = recommend(manifest, status)
-    failed, passed = _verdict(manifest, results + info_rows, status, notes)
+    failed, passed = _verdict(manifest, results + ov_rows + info_rows, status, notes)
     report = GateReport(
         bundle=str(bundle), passed=passed, thresholds=thresholds, reference=_reference_summary(ref),
-        results=results + info_rows, recommended=recommended, notes=notes, data_root=str(root),
+        results=results + ov_rows + info_rows, recommended=recommended, notes=notes, data_root=str(root),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        environment=_environment(fast_decode=fast_decode, batch_size=batch_size, results=results),
+        environment=_environment(fast_decode=fast_decode, batch_size=batch_size, results=results + ov_rows),
         fast_decode_passed=bool(fast_ok and passed),
     )
     if not quiet:
@@ -337,10 +347,12 @@ def _environment(*, fast_decode: bool, batch_size: int, results: Sequence[Artifa
     env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                            "node": platform.node(), "fast_decode": fast_decode, "batch_size": batch_size}
     env.update({k: v for k, v in cuda_device_facts().items() if v})
-    env["ran_on"] = {r.name: (r.runtime.get("providers") or [r.runtime.get("backend")])[:1] for r in results if r.runtime}
-    trt = next((r.runtime.get("tensorrt") for r in results if r.runtime.get("tensorrt")), None)
-    if trt:
-        env["tensorrt"] = trt
+    env["ran_on"] = {r.name: [r.backend] if r.backend else (r.runtime.get("providers") or [r.runtime.get("backend")])[:1]
+                     for r in results if r.runtime}
+    for key in ("tensorrt", "openvino"):
+        version = next((r.runtime.get(key) for r in results if r.runtime.get(key)), None)
+        if version:
+            env[key] = version
     return env
 
 
@@ -398,6 +410,33 @@ def _fast_decode_row(bundle: Path, art: Artifact, ref: Reference, files: list[Pa
     return row, judge_decode_variant(row, thresholds)
 
 
+def _openvino_rows(bundle: Path, manifest: BundleManifest, chosen: Sequence[str], ref: Reference, files: list[Path],
+                   thresholds: Thresholds, **run: Any) -> list[ArtifactResult]:
+    """Each chosen ONNX artifact scored again on the OpenVINO backend (none where OpenVINO is not installed)."""
+    from kimchi_edge.runtime.backends import openvino_installed
+
+    if not openvino_installed():
+        return []
+    rows = []
+    for name in chosen:
+        art = manifest.artifact(name)
+        if art.format != "onnx":
+            continue
+        r = ArtifactResult(name=f"{art.name} @ openvino", format=art.format, precision=art.precision, status="skipped",
+                           artifact=art.name, backend="openvino")
+        try:
+            probs, r.images_per_s, r.infer_ms_per_image, r.runtime = _run_classifier(bundle, art, files, backend="openvino", **run)
+        except KimchiEdgeError as exc:  # e.g. OpenVINO cannot read the graph: the artifact just does not run there
+            r.reason = f"OpenVINO could not run it: {exc}"
+            rows.append(r)
+            continue
+        r.runtime.pop("_metadata", None)
+        r.metrics = compare(ref.probabilities, probs, ref.targets, ref.labels)
+        decide(r, thresholds)
+        rows.append(r)
+    return rows
+
+
 def _statuses(manifest: BundleManifest, results: Sequence[ArtifactResult]) -> dict[str, str]:
     """This run's status per artifact, else the last recorded one (e.g. TorchScript scored by convert, skipped on a Jetson)."""
     known = {a.name for a in manifest.artifacts}
@@ -411,7 +450,7 @@ def _statuses(manifest: BundleManifest, results: Sequence[ArtifactResult]) -> di
 def _verdict(manifest: BundleManifest, results: Sequence[ArtifactResult], status: Mapping[str, str],
              notes: list[str]) -> tuple[list[ArtifactResult], bool]:
     """(the full-precision artifacts that failed now, whether the gate passed); explains itself in ``notes``."""
-    failed = [r for r in results if r.status == "fail" and r.precision != "int8"]
+    failed = [r for r in results if r.status == "fail" and r.precision != "int8" and not r.backend]
     precision = {a.name: a.precision for a in manifest.artifacts}
     rescored = {r.name for r in results if r.status != "skipped"}
     earlier = [n for n, s in status.items() if s == "fail" and precision.get(n) != "int8" and n not in rescored]
@@ -420,7 +459,9 @@ def _verdict(manifest: BundleManifest, results: Sequence[ArtifactResult], status
     if failed:
         notes.insert(0, "FAILED: " + "; ".join(f"{r.name}: {r.reason}" for r in failed))
     for r in results:
-        if r.status == "skipped":
+        if r.status == "fail" and r.backend:
+            notes.append(f"{r.artifact} failed on {r.backend} ({r.reason}): the runtime will not run it there")
+        elif r.status == "skipped":
             notes.append(f"{r.name} not scored here: {r.reason}")
         elif r.status == "info":
             m = r.metrics

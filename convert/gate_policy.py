@@ -4,6 +4,8 @@
   <= ``max_loss_points``; otherwise the gate fails.
 * INT8 artifacts may lose <= ``int8_max_loss_points`` (and agree >= ``int8_min_agreement``); otherwise they are
   not recommended and the full-precision artifact of the same backend is used instead.
+* An ONNX artifact re-scored on OpenVINO (row ``"onnx-int8 @ openvino"``) is held to the same thresholds; the row
+  never changes the artifact's own status (ONNX Runtime's), only whether ``"openvino"`` is among its providers.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class ArtifactResult:
     images_per_s: float = 0.0
     infer_ms_per_image: float = 0.0
     runtime: dict[str, Any] = field(default_factory=dict)
+    #: set on a row that re-scores artifact ``artifact`` on another backend (``backend="openvino"``); '' on the artifact's own row
+    artifact: str = ""
+    backend: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,9 +127,12 @@ def judge_decode_variant(r: ArtifactResult, t: Thresholds) -> bool:
 
 
 def passed_providers(r: ArtifactResult) -> tuple[str, ...]:
-    """Where a passing result ran: ONNX Runtime's first execution provider, or ``"tensorrt"`` for an engine."""
+    """Where a passing result ran: ONNX Runtime's first execution provider, ``"tensorrt"`` for an engine, or the
+    backend of a re-scoring row (``"openvino"``)."""
     if r.status != "pass":
         return ()
+    if r.backend:
+        return (r.backend,)
     if r.format == "tensorrt":
         return ("tensorrt",)
     if r.format == "torchscript":

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from kimchi_edge.runtime.fsutil import atomic_write_json, atomic_write_text
 from kimchi_edge.runtime.manifest import (
@@ -80,22 +80,37 @@ def write_report(bundle: Path, manifest: BundleManifest, report: GateReport, sta
         images=report.reference["n"],
         reference_top1=report.reference["top1"],
         thresholds=dataclasses.asdict(report.thresholds),
-        artifacts={n: _verdict(manifest, n, s, by_name.get(n)) for n, s in status.items()},
+        artifacts={n: _verdict(manifest, n, s, by_name.get(n), [r for r in report.results if r.artifact == n and r.backend])
+                   for n, s in status.items()},
         notes=tuple(report.notes),
         fast_decode=report.fast_decode_passed,
     )
     write_manifest(bundle, manifest.replace(artifacts=tuple(arts), recommended=report.recommended, gate=summary))
 
 
-def _verdict(manifest: BundleManifest, name: str, status: str, r: ArtifactResult | None) -> GateVerdict:
-    """This run's verdict; where it passed again, the providers it passed on before are kept (other machines')."""
+def _verdict(manifest: BundleManifest, name: str, status: str, r: ArtifactResult | None,
+             rescored: Sequence[ArtifactResult] = ()) -> GateVerdict:
+    """This run's verdict; where it passed again, the providers it passed on before are kept (other machines').
+
+    ``rescored``: the rows scoring this artifact on another backend (``"onnx-int8 @ openvino"``).  They leave the status
+    alone; the artifact's providers gain that backend where its row passed (and the artifact did) and lose it where
+    its row failed here.  A row skipped here (backend not installed) keeps what an earlier run recorded.
+    """
     earlier = manifest.gate.verdict(name) if manifest.gate else None
     if r is None or r.status == "skipped":  # not re-scored here: the last verdict stands
         return earlier if earlier is not None else GateVerdict(status, r.reason if r else "")
     providers = passed_providers(r)
     if providers and earlier is not None and earlier.passed:
         providers = tuple(dict.fromkeys(earlier.providers + providers))
-    return GateVerdict(r.status, r.reason, providers)
+    timed = {p: r.infer_ms_per_image for p in passed_providers(r)}
+    for row in rescored:
+        if row.status == "pass" and providers:
+            providers = tuple(dict.fromkeys(providers + passed_providers(row)))
+            timed.update({p: row.infer_ms_per_image for p in passed_providers(row)})
+        elif row.status == "fail":
+            providers = tuple(p for p in providers if p != row.backend)
+    fastest = min(timed, key=timed.get) if len(timed) > 1 else ""
+    return GateVerdict(r.status, r.reason, providers, fastest)
 
 
 def _finite(obj: Any) -> Any:
@@ -132,7 +147,8 @@ def _rows(report: GateReport) -> list[list[str]]:
             f"{m['max_abs_dprob']:.4f}",
             f"{m['mean_abs_dprob']:.5f}",
             f"{r.images_per_s:.0f}",
-            {"pass": "PASS", "info": "info"}.get(r.status, "FAIL (not recommended)" if r.precision == "int8" else "FAIL"),
+            {"pass": "PASS", "info": "info"}.get(r.status, f"FAIL (not run on {r.backend})" if r.backend
+                                                 else "FAIL (not recommended)" if r.precision == "int8" else "FAIL"),
         ])
     return rows
 
@@ -168,6 +184,12 @@ def format_markdown(report: GateReport) -> str:
         f"INT8 agrees ≥ {t.int8_min_agreement * 100:g}% and loses ≤ {t.int8_max_loss_points:g} points (else not recommended).",
         "Intervals (95%): Wilson for accuracy and agreement; for Δ, Wilson intervals of the images only one side",
         "gets right, combined by MOVER (paired: images both get right or both get wrong cancel).",
+    ]
+    backends = sorted({r.backend for r in report.results if r.backend})
+    if backends:
+        out += [(f"Rows `NAME @ {b}`: the same file run by {b}, same thresholds; they decide only whether the runtime may run "
+                 f"NAME on {b} (the artifact's own verdict stays ONNX Runtime's).") for b in backends]
+    out += [
         "",
         "| " + " | ".join(h.replace("|", "\\|") for h in HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",

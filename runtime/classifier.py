@@ -83,11 +83,12 @@ class Classifier:
 
         Args:
             path: the bundle folder (with ``manifest.json``).
-            backend: ``"auto"`` (TensorRT when a compatible engine exists, else ONNX Runtime),
-                ``"onnxruntime"`` or ``"tensorrt"``.
+            backend: ``"auto"`` (TensorRT when a compatible engine exists; else OpenVINO on x86-64 where it is
+                installed and the gate passed the artifact on it; else ONNX Runtime), ``"onnxruntime"``, ``"tensorrt"``
+                or ``"openvino"``.
             artifact: force an artifact by name (``"onnx-fp32"``, ``"onnx-int8"``, ...).
             precision: prefer ``"fp32"``, ``"fp16"`` or ``"int8"``.
-            threads: CPU threads for ONNX Runtime.
+            threads: CPU threads for ONNX Runtime / OpenVINO.
             providers: force ONNX Runtime execution providers.
             verify: check the artifact's SHA-256 before loading it.
             max_pixels: refuse larger images before decoding them.
@@ -189,8 +190,8 @@ class Classifier:
     def predict(self, image: ImageInput, top_k: int = 3) -> Prediction:
         """Classify one image.
 
-        Safe to call from several threads at once (ONNX Runtime sessions run concurrently; the TensorRT
-        backend serialises its execution context itself).
+        Safe to call from several threads at once (ONNX Runtime sessions run concurrently, OpenVINO gives each
+        concurrent call its own infer request; the TensorRT backend serialises its execution context itself).
 
         Args:
             image: a path, encoded bytes, a PIL image or an ``HxWx3`` ``uint8`` array (float in [0, 1]

@@ -23,11 +23,12 @@ def positive_int(text: str) -> int:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options every runtime subcommand shares: which backend/artifact/precision, CPU threads."""
     g = parser.add_argument_group("model")
-    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
-                   help="auto: a compatible TensorRT engine if the bundle has one, else ONNX Runtime (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "openvino"],
+                   help="auto: a compatible TensorRT engine if the bundle has one; else OpenVINO where it is installed (x86-64) "
+                        "and the gate passed the artifact on it; else ONNX Runtime (default: %(default)s)")
     g.add_argument("--artifact", default=None, metavar="NAME", help="force an artifact by name (onnx-fp32, onnx-int8, trt-fp16 ...)")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"], help="prefer this precision (default: the bundle's recommendation)")
-    g.add_argument("--threads", type=positive_int, default=None, metavar="N", help="ONNX Runtime CPU threads (default: all cores)")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N", help="ONNX Runtime / OpenVINO CPU threads (default: all cores)")
     g.add_argument("--allow-ungated", action="store_true",
                    help="also run an artifact or execution provider the accuracy gate did not pass (failed, skipped, "
                         "never gated); by default only what passed runs")

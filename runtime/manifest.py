@@ -294,6 +294,9 @@ class GateVerdict:
     #: where it passed: ONNX Runtime execution providers ("CPUExecutionProvider") or "tensorrt" for engines.
     #: The runtime uses only these by default; ``kimchi-edge verify`` on another machine adds that machine's.
     providers: tuple[str, ...] = ()
+    #: of those, the one with the lowest measured inference time in the gate run ("" = not compared); ``auto``
+    #: switches to another engine than ONNX Runtime only where it won here, at equal fidelity
+    fastest: str = ""
 
     @property
     def passed(self) -> bool:

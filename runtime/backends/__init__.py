@@ -1,24 +1,29 @@
 """Inference backends behind one small protocol, chosen by name from a registry.
 
 A backend takes a ``uint8`` batch in the bundle's layout and returns float32 logits ``(N, classes)``.
-``auto`` picks TensorRT when an engine in the bundle is compatible with what is installed, and ONNX
-Runtime otherwise, and says which (``Classifier.info``).
+``auto`` picks TensorRT when an engine in the bundle is compatible with what is installed; else, on x86-64 with
+OpenVINO installed, OpenVINO when the accuracy gate passed the chosen ONNX artifact *on OpenVINO*; else ONNX Runtime;
+and says which (``Classifier.info``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import platform
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import BackendError, BundleError, UsageError
+from ..errors import BackendError, BundleError, MissingDependencyError, UsageError
 from ..manifest import Artifact, BundleManifest, verify_artifact
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "openvino")
+#: the ``GateVerdict.providers`` entry that lets an ONNX artifact run on the OpenVINO backend
+OPENVINO = "openvino"
 
 
 class Backend(Protocol):
@@ -52,13 +57,13 @@ def create_backend(
     """Create the backend ``name`` and return it with the notes explaining the choice.
 
     Args:
-        name: ``"auto"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        name: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"openvino"``.
         bundle_dir: the bundle folder.
         manifest: its manifest.
         artifact: force one artifact by name (e.g. ``"onnx-int8"``).
         precision: prefer ``"fp32"``, ``"fp16"`` or ``"int8"`` among the candidates.
-        threads: CPU threads for ONNX Runtime (default: all cores).
-        providers: force ONNX Runtime execution providers.
+        threads: CPU threads for ONNX Runtime / OpenVINO (default: all cores).
+        providers: force ONNX Runtime execution providers (``auto`` then never picks OpenVINO).
         verify: check the chosen artifact's SHA-256 against the manifest before loading it.
         allow_ungated: also run an artifact (or execution provider) the accuracy gate did not pass on this
             bundle; by default only what passed runs, and a bundle whose FP32 artifact failed is refused.
@@ -69,6 +74,19 @@ def create_backend(
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     notes: list[str] = []
+    if name == OPENVINO:
+        if providers:
+            raise UsageError(f"providers={providers} are ONNX Runtime execution providers; the openvino backend takes none "
+                             "(use backend='onnxruntime' to choose providers)")
+        if artifact is not None and manifest.artifact(artifact).format != "onnx":
+            raise UsageError(f"artifact {artifact!r} is {manifest.artifact(artifact).format}; OpenVINO runs the bundle's .onnx "
+                             f"artifacts ({[a.name for a in manifest.artifacts if a.format == 'onnx']})")
+        art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision, allow_ungated=allow_ungated,
+                                   bundle=bundle_dir, provider=OPENVINO)
+        rec = next((a for a in manifest.artifacts if a.name == manifest.recommended.get("onnxruntime")), None)
+        if artifact is None and rec is not None and rec.name != art.name and precision in (None, rec.precision):
+            notes.append(f"OpenVINO runs {art.name}, not the recommended {rec.name}: {ungated_reason(manifest, rec, provider=OPENVINO)}")
+        return _openvino_backend(bundle_dir, manifest, art, threads=threads, verify=verify, notes=notes), notes
     forced_onnx = artifact is not None and manifest.artifact(artifact).format != "tensorrt"  # unknown name: BundleError
     has_engine = any(a.format == "tensorrt" for a in manifest.artifacts)
     if name == "auto" and not forced_onnx and not has_engine:
@@ -97,14 +115,30 @@ def create_backend(
     try:
         from .onnxruntime_backend import OnnxRuntimeBackend
     except ImportError as exc:
-        from ..errors import MissingDependencyError
-
         raise MissingDependencyError(
             f"ONNX Runtime is not installed ({exc}); on a Jetson install NVIDIA's onnxruntime-gpu wheel for your "
             "JetPack, elsewhere: pip install 'kimchi-edge[onnxruntime]'"
         ) from exc
 
     art = choose_onnx_artifact(manifest, artifact=artifact, precision=precision, allow_ungated=allow_ungated, bundle=bundle_dir)
+    if name == "auto" and not providers and art.format == "onnx" and not _gated_on_gpu(manifest, art) and _openvino_applies():
+        ov_ungated = ungated_reason(manifest, art, provider=OPENVINO)
+        verdict = manifest.gate.verdict(art.name) if manifest.gate else None
+        if not ov_ungated and verdict is not None and verdict.fastest != OPENVINO:
+            pass  # passed there but was not faster in the gate's measurement: ONNX Runtime stays (OpenVINO where it wins)
+        elif not ov_ungated:
+            try:
+                ov_backend = _openvino_backend(bundle_dir, manifest, art, threads=threads, verify=verify, notes=notes)
+                # a TensorRT fallback note said where it fell back to before OpenVINO was chosen
+                notes[:] = [n.replace("using ONNX Runtime", "using OpenVINO") if n.startswith("TensorRT not used") else n for n in notes]
+                return ov_backend, notes
+            except (MissingDependencyError, BackendError, BundleError) as exc:  # a broken install: ONNX Runtime still runs
+                notes.append(f"OpenVINO not used: {exc}; using ONNX Runtime instead")
+                log.info("%s", notes[-1])
+        elif not ungated_reason(manifest, art):  # gated for ONNX Runtime, just not on OpenVINO: say how to change that
+            notes.append(f"OpenVINO not used: {ov_ungated} (see {Path(str(bundle_dir)) / 'gate.md'}; "
+                         f"kimchi-edge verify {bundle_dir} scores it there); using ONNX Runtime")
+            log.info("%s", notes[-1])
     chosen_providers = gated_providers(manifest, art, providers, allow_ungated=allow_ungated, bundle=bundle_dir, notes=notes)
     ungated = ungated_reason(manifest, art)
     if ungated:
@@ -112,6 +146,38 @@ def create_backend(
     if verify:
         verify_artifact(bundle_dir, art)
     return OnnxRuntimeBackend(bundle_dir, manifest, art, threads=threads, providers=chosen_providers), notes
+
+
+def _gated_on_gpu(manifest: BundleManifest, art: Artifact) -> bool:
+    """``art`` passed on a GPU execution provider and a CUDA GPU is here: ONNX Runtime on the GPU beats OpenVINO on the CPU."""
+    v = manifest.gate.verdict(art.name) if manifest.gate else None
+    return bool(v and {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(v.providers)) and _cuda_gpu_present()
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be found (found, not imported: importing it takes ~0.3 s)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # an import hook refusing it, or a broken half-imported module
+        return False
+
+
+def _openvino_applies() -> bool:
+    """``auto`` considers OpenVINO on x86-64 CPUs where the ``openvino`` package is installed."""
+    return platform.machine().lower() in ("x86_64", "amd64") and openvino_installed()
+
+
+def _openvino_backend(bundle_dir: Path, manifest: BundleManifest, art: Artifact, *, threads: int | None, verify: bool,
+                      notes: list[str]) -> Backend:
+    """The OpenVINO backend on ``art`` (already chosen and gated); an UNGATED note when only allow_ungated let it through."""
+    from .openvino_backend import OpenVINOBackend
+
+    ungated = ungated_reason(manifest, art, provider=OPENVINO)
+    if ungated:
+        notes.append(f"UNGATED: {ungated}; running it only because allow_ungated/--allow-ungated was given")
+    if verify:
+        verify_artifact(bundle_dir, art)
+    return OpenVINOBackend(bundle_dir, manifest, art, threads=threads)
 
 
 def _cuda_gpu_present() -> bool:
@@ -135,8 +201,9 @@ def ungated_reason(manifest: BundleManifest, art: Artifact, provider: str | None
         return f"{art.name} has no accuracy-gate verdict (it was added after the gate ran)"
     if not v.passed:
         return f"{art.name} {v.in_words()}" if v.status != "skipped" else f"{art.name} was {v.in_words()}"
-    if provider and v.providers and provider not in v.providers:
-        return f"{art.name} passed the gate on {', '.join(v.providers)}, not on {provider}"
+    # OpenVINO computes its own numbers: it needs its own pass, even where older verdicts recorded no providers at all
+    if provider and (v.providers or provider == OPENVINO) and provider not in v.providers:
+        return f"{art.name} passed the gate on {', '.join(v.providers) or 'ONNX Runtime'}, not on {provider}"
     return ""
 
 
@@ -146,12 +213,12 @@ def _refuse(reason: str, bundle: Any) -> BundleError:
 
 
 def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None,
-                         allow_ungated: bool = False, bundle: Any = "BUNDLE") -> Artifact:
+                         allow_ungated: bool = False, bundle: Any = "BUNDLE", provider: str | None = None) -> Artifact:
     """Pick the ONNX artifact to run: only one the accuracy gate passed, unless ``allow_ungated``.
 
     Order: the user's choice; else the manifest's recommendation; else a passing FP32, then any passing artifact
     (of ``precision`` when given).  A bundle whose FP32 artifact failed is refused: what was quantized from it can't
-    be trusted either.
+    be trusted either.  With ``provider`` (``"openvino"``) "passed" means passed on that provider.
 
     Raises:
         BundleError: no ONNX artifact, or none that passed (one line naming gate.md and the way out).
@@ -162,7 +229,7 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         art = manifest.artifact(artifact)
         if art.format not in ("onnx", "ort"):
             raise UsageError(f"artifact {artifact!r} is {art.format}, not ONNX; ONNX artifacts: {[a.name for a in onnx]}")
-        reason = ungated_reason(manifest, art)
+        reason = ungated_reason(manifest, art, provider=provider)
         if reason and not allow_ungated:
             raise _refuse(reason, bundle)
         return art
@@ -181,10 +248,10 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         if fp32_failed:
             raise _refuse(ungated_reason(manifest, fp32_failed[0]) + "; the bundle does not classify like the learner", bundle)
         for a in ordered:
-            if not ungated_reason(manifest, a):
+            if not ungated_reason(manifest, a, provider=provider):
                 return a
-        raise _refuse("no ONNX artifact of this bundle has passed the accuracy gate: "
-                      + "; ".join(ungated_reason(manifest, a) for a in ordered), bundle)
+        raise _refuse(f"no ONNX artifact of this bundle has passed the accuracy gate{f' on {provider}' if provider else ''}: "
+                      + "; ".join(ungated_reason(manifest, a, provider=provider) for a in ordered), bundle)
     return ordered[0]
 
 

@@ -119,7 +119,7 @@ def test_test_pct_with_a_test_folder_is_refused(digits, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("n_train, bs, expected", [(54, 16, 20), (1438, 32, 88), (1438, 64, 44), (244, 64, 20), (20000, 64, 100)])
+@pytest.mark.parametrize("n_train, bs, expected", [(54, 16, 30), (1438, 32, 88), (1438, 64, 44), (244, 64, 30), (20000, 64, 100)])
 def test_lr_find_iterations_are_about_two_epochs(n_train, bs, expected):
     from kimchi_edge.train.api import lr_find_iterations
 

@@ -81,9 +81,9 @@ def test_lr_find_iterations_scale_with_the_data(tiny_run):
     from kimchi_edge.train.api import lr_find_iterations
 
     metrics = json.loads((tiny_run / "reports" / "metrics.json").read_text())
-    # 54 training images at batch 16: 3 batches an epoch; two epochs' worth is 6, raised to the floor of 20
-    assert lr_find_iterations(54, 16) == 20
-    assert metrics["lr_find"]["iterations"] == 20  # not fastai's 100
+    # 54 training images at batch 16: 3 batches an epoch; two epochs' worth is 6, raised to the floor of 30
+    assert lr_find_iterations(54, 16) == 30
+    assert metrics["lr_find"]["iterations"] == 30  # not fastai's 100
     assert metrics["config"]["lr_find_iters"] is None
 
 
