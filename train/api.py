@@ -355,7 +355,7 @@ def _fit(learn, config: TrainConfig, lr: float, say: Log) -> _Fit:
     learn.add_cb(history)
     schedule = []
     t0 = time.perf_counter()
-    say(f"training: {total} epochs")
+    say(f"training: {total} epoch{'s' * (total != 1)}")
     if (config.pretrained or config.weights) and config.freeze_epochs:
         history.phases = ["frozen", "unfrozen"]
         learn.fine_tune(config.epochs, base_lr=lr, freeze_epochs=config.freeze_epochs, lr_mult=config.lr_mult, cbs=cbs)

