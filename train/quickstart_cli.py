@@ -112,6 +112,11 @@ def summary_lines(metrics: dict[str, Any], gate: dict[str, Any], bundle: Path, s
         if a.get("status") == "skipped":
             arts.append(f"{name} not scored")
             continue
+        if " @ " in name:  # the same artifact re-scored on another engine: only said when that engine is not used
+            if a.get("status") != "pass":
+                base, engine = name.split(" @ ", 1)
+                arts.append(f"{base} on {engine} {a['agreement']:.1%}, so {engine} is not used for it")
+            continue
         verdict = "" if a.get("status") == "pass" else " FAILED, not used"
         arts.append(f"{name} {a['agreement']:.1%}{verdict}")
     line1 = (f"Proven in {seconds:.0f} s: the learner reached {acc}; the gate on {gate.get('images', '?')} validation images "

@@ -53,3 +53,14 @@ def test_quickstart_says_when_an_artifact_failed():
     lines = summary_lines({"accuracy": 0.98, "test": None}, _gate("fail"), Path("b"), 60)
     assert "onnx-int8 99.4% FAILED, not used" in lines[0]
     assert "test" not in lines[0].split(";")[0]
+
+
+def test_quickstart_says_an_engine_is_not_used_without_calling_the_artifact_failed():
+    from kimchi_edge.train.quickstart_cli import summary_lines
+
+    gate = _gate()
+    gate["artifacts"]["onnx-int8 @ openvino"] = {"status": "fail", "agreement": 0.3816}
+    gate["artifacts"]["onnx-fp32 @ openvino"] = {"status": "pass", "agreement": 1.0}
+    line = summary_lines({"accuracy": 0.98, "test": None}, gate, Path("b"), 60)[0]
+    assert "onnx-int8 on openvino 38.2%, so openvino is not used for it" in line
+    assert "FAILED" not in line and "onnx-fp32 @ openvino" not in line
