@@ -54,7 +54,13 @@ def bundle_info(bundle: str | Path, *, check: bool = False) -> dict[str, Any]:
         right = sum(it.prediction == it.label for it in ref.items)
         verification = {"file": REFERENCE_NAME, "images": len(ref.items), "data_root": ref.data_root,
                         "reference_top1": right / len(ref.items) if ref.items else None, "per_class": per_class,
-                        "source": dict(ref.source)}
+                        "source": dict(ref.source), "bundled": None}
+        from .manifest import VERIFICATION_NAME, VerificationSet
+
+        if (bundle / VERIFICATION_NAME).is_file():
+            vs: VerificationSet = read_typed(VerificationSet, bundle / VERIFICATION_NAME)
+            verification["bundled"] = {"file": VERIFICATION_NAME, "images": len(vs.images),
+                                       "bytes": sum(v.size_bytes for v in vs.images)}
     pre = m.preprocessing
     return {
         "bundle": str(bundle),
@@ -104,8 +110,11 @@ def format_info(info: dict[str, Any]) -> str:
     if v:
         top1 = f"{v['reference_top1']:.1%}" if v["reference_top1"] is not None else "?"
         smallest = min(v["per_class"].items(), key=lambda kv: kv[1]) if v["per_class"] else ("-", 0)
-        lines.append(f"verification set: {v['images']} validation images from {v['data_root']} "
+        lines.append(f"validation split: {v['images']} images under {v['data_root']} "
                      f"(fastai learner {top1} right; smallest class {smallest[0]}: {smallest[1]} images)")
+        b = v.get("bundled")
+        lines.append(f"verification set in the bundle: {b['images']} of them ({b['bytes'] / 1e6:.1f} MB; kimchi-edge verify "
+                     "BUNDLE uses it)" if b else "verification set in the bundle: none (kimchi-edge verify needs --images)")
     else:
         lines.append("verification set: none (no reference.json; re-run kimchi-edge convert)")
     return "\n".join(lines)
