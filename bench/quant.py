@@ -73,19 +73,31 @@ def requantize(fp32: str | Path, out: str | Path, calibration: Sequence[str], sp
             "calibration_images": len(calibration), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copyfile(src, dst)
+
+
 def bundle_with_artifact(bundle: str | Path, model: str | Path, out: str | Path, *, name: str = U8_ARTIFACT,
                          details: dict[str, Any] | None = None) -> Path:
-    """A temporary copy of ``bundle`` (files linked, not copied) whose manifest also lists ``model`` as ``name``."""
+    """A temporary copy of ``bundle`` (files hard-linked where possible, else copied) whose manifest also lists ``model``.
+
+    Not symlinks: the runtime refuses an artifact whose real path is outside its bundle.
+    """
     bundle, model, out = Path(bundle), Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(bundle)
     for art in manifest.artifacts:
         src = (bundle / art.file).resolve()
         if src.is_file() and not (out / art.file).exists():
-            os.symlink(src, out / art.file)
+            _link_or_copy(src, out / art.file)
     target = out / f"model.{name}.onnx"
     if not target.exists():
-        os.symlink(model.resolve(), target)
+        _link_or_copy(model.resolve(), target)
     import onnxruntime
 
     art = Artifact(name=name, file=target.name, format="onnx", precision="int8", sha256=sha256_file(target),

@@ -3,7 +3,7 @@
 The images are generated (no download, no ``../shared``): three colour classes with Korean names,
 random sizes and aspect ratios, gradients and noise, 3 of 4 saved as JPEG and 1 of 4 as PNG, so the
 decode, crop and batch-resample paths all run.  A ResNet-18 from scratch (no weights to download)
-learns them in three epochs at 32 px (99 % top-1 with seed 0).  Everything is session-scoped: built once, copied when a test
+learns them in five epochs at 32 px (100 % top-1 with seed 0; with three, one borderline image let INT8 lose 1.1 points of 90 images).  Everything is session-scoped: built once, copied when a test
 needs to damage it.
 """
 
@@ -54,7 +54,7 @@ def run_dir(colour_data, tmp_path_factory) -> Path:
     set_seed(0, reproducible=True)  # train() seeds the split, not the weights: make the fixture repeatable
     out = tmp_path_factory.mktemp("runs") / "colours"
     return train(TrainConfig(
-        data=colour_data, out=out, arch="resnet18", pretrained=False, item_size=40, size=32, epochs=3,
+        data=colour_data, out=out, arch="resnet18", pretrained=False, item_size=40, size=32, epochs=5,
         lr_find=False, lr=3e-3, bs=8, quiet=True, top_losses=0,
     ))
 

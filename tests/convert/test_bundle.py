@@ -353,8 +353,8 @@ def test_verify_on_a_moved_bundle_uses_its_own_set(bundle, colour_data, tmp_path
         victim = vs["images"][0]
         item = next(it for it in ref["items"] if it["file"] == victim["source"])
         p = item["probabilities"]
-        j = min(range(len(p)), key=p.__getitem__)
-        p[j], p[p.index(max(p))] = max(p), min(p)  # the learner "said" the least likely class
+        j, k = min(range(len(p)), key=p.__getitem__), max(range(len(p)), key=p.__getitem__)
+        p[j], p[k] = p[k], p[j]  # the learner "said" the least likely class
         item["prediction"] = ref["labels"][j]
         (far / "reference.json").write_text(json.dumps(ref, ensure_ascii=False), encoding="utf-8")
         m = read_manifest(far)
