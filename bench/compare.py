@@ -6,7 +6,7 @@ Example::
 
 (``python -m kimchi_edge.bench.compare RUN_DIR [BUNDLE] ...`` is the same command.)  It needs the extra
 :data:`kimchi_edge.bench.EXTRA`, ``pip install 'kimchi-edge[convert]'`` (fastai and torch for the baseline paths and the matmul peak, onnx for the
-FLOPs and the re-quantized model, matplotlib for the chart), and nothing else: it runs from the installed
+FLOPs and the re-quantized experiment variants, matplotlib for the chart), and nothing else: it runs from the installed
 package, in any working folder, without a repository checkout.
 
 Every inference path runs in its own fresh interpreter (``python -m kimchi_edge.bench.worker``, in an empty
@@ -15,9 +15,9 @@ temporary folder), one after the other, on the same image bytes read into memory
 1. ``fastai``: ``load_learner`` + ``learn.predict(bytes)`` (the baseline);
 2. ``torch-eager``: ``learn.model`` fed by the runtime's preprocessing + normalisation;
 3. ``torchscript``: the bundle's ``model.torchscript.pt``, same feed;
-4. ``ort-fp32`` / 5. ``ort-int8``: ``kimchi_edge.runtime.Classifier`` on ``model.onnx`` / ``model.int8.onnx``;
-   ``ort-int8-u8``: the same on an INT8 model re-quantized here with uint8 activations
-   (:mod:`kimchi_edge.bench.quant`; what ONNX Runtime's CPU kernels fuse best), in a temporary bundle;
+4. ``ort-fp32`` / 5. ``ort-int8``: ``kimchi_edge.runtime.Classifier`` on ``model.onnx`` / ``model.int8.onnx`` (the
+   bundle's INT8 for ONNX Runtime on CPU); ``ort-int8-qdq-s8``: the same on the bundle's ``model.int8-qdq-s8.onnx``
+   (the symmetric INT8 QDQ made for TensorRT), to show what that recipe does on ONNX Runtime's CPU kernels;
 6. TensorRT FP16/INT8: only where TensorRT and a GPU are present (else the reason is reported).
 
 Each reports batch-1 latency from image bytes to label (p50/p90/p99, split into decode, preprocess,
@@ -54,7 +54,7 @@ from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES, loadavg, percentiles
 from . import EXTRA
 from .report import COMMAND, RESULTS_NAME
 
-PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-u8")
+PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-qdq-s8")
 
 Log = Callable[[str], None]
 
@@ -81,7 +81,7 @@ class CompareOptions:
         paths: the inference paths to run, a subset of :data:`PATHS`.
         experiments: also time the variants that were tried.
         one_thread_round: one more batch-1 round of every path at 1 thread.
-        calib: training images to calibrate the re-quantized INT8 models with.
+        calib: training images to calibrate the re-quantized INT8 experiment variants with (speed only; the paths run the bundle's own INT8).
         fastai_progress_bar: leave fastai's progress bar on in ``learn.predict``.
         timeout: seconds per worker process.
     """
@@ -227,7 +227,7 @@ def make_phone_photos(sources: Sequence[Path], out: Path, size: tuple[int, int],
     made = []
     tw, th = size
     for i, src in enumerate(sources):
-        im = decode_image(src, max_pixels=None)
+        im = decode_image(src)
         w, h = im.size
         if w / h > tw / th:  # too wide: crop width
             cw = int(h * tw / th)
@@ -449,19 +449,16 @@ def compare(opts: CompareOptions, *, log: Log = _silent) -> Comparison:
         if phone_info:
             results["phone_photos"] = phone_info
         calib = calibration_images(run_dir, opts.calib)
-        u8_bundle, u8_model, u8_info = requantized_bundle(opts, bundle, manifest, calib, Path(tmp), log)
-        if u8_info:
-            results["int8_u8"] = u8_info
+        results["int8_artifacts"] = int8_artifacts(manifest)
         log("matmul peak ...")
         peaks = [run_worker({**common, "kind": "peak"}, opts.threads, opts.timeout, log)]
-        results["paths"] = measure_paths(opts, common, images, phone, u8_bundle, u8_info or {}, log)
+        results["paths"] = measure_paths(opts, common, images, phone, manifest, log)
         if opts.one_thread_round and opts.threads != 1:
-            results["one_thread"] = measure_one_thread(opts, common, images, u8_bundle, results["paths"], log)
+            results["one_thread"] = measure_one_thread(opts, common, images, results["paths"], log)
         if opts.experiments:
             log("experiments (variants side by side) ...")
             results["experiments"] = run_worker({**common, "kind": "experiments", "images": [str(f) for f in images[:8]],
                                                  "phone_images": [str(p) for p in phone], "calibration_images": calib,
-                                                 "u8_model": str(u8_model) if u8_model else None,
                                                  "batch_sizes": list(opts.batch_sizes)}, opts.threads, opts.timeout, log)
         log("matmul peak (again) ...")
         peaks.append(run_worker({**common, "kind": "peak"}, opts.threads, opts.timeout, log))
@@ -521,47 +518,36 @@ def phone_photos(opts: CompareOptions, images: Sequence[Path], folder: Path) -> 
                    "made_from": [str(sources[i]) for i in range(len(phone))]}
 
 
-def requantized_bundle(opts: CompareOptions, bundle: Path, manifest: Any, calib: Sequence[str], tmp: Path,
-                       log: Log) -> tuple[Path | None, Path | None, dict[str, Any] | None]:
-    """The FP32 model re-quantized with uint8 activations, in a temporary copy of the bundle (``ort-int8-u8``).
-
-    Returns:
-        ``(bundle, model, info)``; bundle and model are ``None`` when it was not built (``info["error"]`` says why),
-        everything is ``None`` when neither ``ort-int8-u8`` nor the experiments need it.
-    """
-    if "ort-int8-u8" not in opts.paths and not opts.experiments:
-        return None, None, None
-    if not calib:
-        return None, None, {"error": f"no training images found through {opts.run_dir / 'split.json'} to calibrate with"}
-    from .quant import U8_ARTIFACT, bundle_with_artifact, requantize
-
-    log(f"re-quantizing the FP32 model with uint8 activations ({len(calib)} calibration images) ...")
-    model = tmp / "model.int8-u8.onnx"
-    try:
-        q = requantize(bundle / manifest.artifact("onnx-fp32").file, model, calib, manifest.preprocessing)
-        u8_bundle = bundle_with_artifact(bundle, model, tmp / "bundle-u8", details=q)
-    except Exception as exc:  # quantization is an extra: the paths still run
-        return None, None, {"error": f"{type(exc).__name__}: {exc}"}
-    return u8_bundle, model, {**q, "artifact": U8_ARTIFACT}
+def int8_artifacts(manifest: Any) -> dict[str, dict[str, Any]]:
+    """The bundle's INT8 ONNX artifacts as the report describes them: target, recipe, calibration, layers kept float."""
+    keys = ("target", "activations", "weights", "calibration_method", "calibration_mode", "calibration_images", "float_nodes")
+    return {a.name: {"target": a.target, **{k: a.details[k] for k in keys if k in a.details and k != "target"}}
+            for a in manifest.artifacts if a.format == "onnx" and a.precision == "int8"}
 
 
-def _artifact(name: str, u8_bundle: Path | None) -> dict[str, str]:
-    """Worker config that points ``ort-int8-u8`` at the temporary bundle holding the re-quantized model."""
-    return {"bundle": str(u8_bundle), "artifact": "onnx-int8-u8"} if name == "ort-int8-u8" else {}
+def _missing_artifact(name: str, manifest: Any) -> str:
+    """Why an ONNX Runtime path cannot run on this bundle ('' when its artifact is there)."""
+    from .worker import ORT_ARTIFACTS
+
+    art = ORT_ARTIFACTS.get(name)
+    if art is None or art in {a.name for a in manifest.artifacts}:
+        return ""
+    return f"the bundle has no {art} (converted before INT8 was written per target; re-convert it)"
 
 
 def measure_paths(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path], phone: Sequence[Path],
-                  u8_bundle: Path | None, u8_info: dict[str, Any], log: Log) -> dict[str, Any]:
+                  manifest: Any, log: Log) -> dict[str, Any]:
     """Every path ``opts.rounds`` times, in alternating order (ABC CBA: drifting load hits every path alike), merged."""
     batch_iters = {str(b): max(2, opts.batch_images // b) for b in opts.batch_sizes}
     per_path: dict[str, list[dict[str, Any]]] = {name: [] for name in opts.paths}
     for rnd in range(opts.rounds):
         for name in opts.paths if rnd % 2 == 0 else opts.paths[::-1]:
             log(f"{name} (round {rnd + 1}/{opts.rounds}) ...")
-            if name == "ort-int8-u8" and u8_bundle is None:
-                per_path[name].append({"error": f"not built: {u8_info.get('error')}"})
+            missing = _missing_artifact(name, manifest)
+            if missing:
+                per_path[name].append({"error": missing})
                 continue
-            cfg = {**common, **_artifact(name, u8_bundle), "kind": "path", "path": name, "images": [str(f) for f in images],
+            cfg = {**common, "kind": "path", "path": name, "images": [str(f) for f in images],
                    "phone_images": [str(p) for p in phone], "phone_passes": opts.phone_passes, "warmup": opts.warmup,
                    "batch_sizes": list(opts.batch_sizes), "batch_iterations": batch_iters,
                    "fastai_progress_bar": opts.fastai_progress_bar}
@@ -575,7 +561,7 @@ def measure_paths(opts: CompareOptions, common: dict[str, Any], images: Sequence
     return {name: merge_rounds(per_path[name]) for name in opts.paths}
 
 
-def measure_one_thread(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path], u8_bundle: Path | None,
+def measure_one_thread(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path],
                        paths: dict[str, Any], log: Log) -> dict[str, Any]:
     """One more batch-1 round of every path that worked, at 1 thread.
 
@@ -587,7 +573,7 @@ def measure_one_thread(opts: CompareOptions, common: dict[str, Any], images: Seq
         if "error" in paths[name]:
             continue
         log(f"{name} (1 thread) ...")
-        r = run_worker({**common, **_artifact(name, u8_bundle), "threads": 1, "kind": "path", "path": name, "light": True,
+        r = run_worker({**common, "threads": 1, "kind": "path", "path": name, "light": True,
                         "images": [str(f) for f in images], "warmup": opts.warmup, "batch_sizes": [],
                         "batch_iterations": {}}, 1, opts.timeout, log)
         if "error" not in r:

@@ -7,9 +7,9 @@ report gives each variant's median and its ratio to the runtime's default.
 * ONNX Runtime, tensor -> logits at batch 1 on a real preprocessed photo: graph optimisation level
   (ALL includes the NCHWc layout transform), 1 vs 2 intra-op threads, thread spinning off, IO binding
   with a pre-allocated output (buffer reuse), a float NCHW input without the uint8/normalisation
-  prefix; INT8 as the bundle's QDQ with symmetric int8 activations vs uint8 (asymmetric)
-  activations, dedicated QDQ pairs, and QOperator, re-quantized here from the FP32 model
-  (:mod:`kimchi_edge.bench.quant`), plus which ops ONNX Runtime really fused.
+  prefix; INT8 as the bundle's own files (``onnx-int8`` for ONNX Runtime on CPU, ``onnx-int8-qdq-s8`` made for
+  TensorRT), plus dedicated QDQ pairs and QOperator, re-quantized here from the FP32 model
+  (:mod:`kimchi_edge.bench.quant`, speed only), and which ops ONNX Runtime really fused.
 * ONNX Runtime at batch 8/32 (tensor -> logits, per image).
 * Preprocessing: full-size vs reduced-scale JPEG decode (``fast_decode``) on a phone-size photo,
   and the batch resample as sparse taps (the runtime) vs dense matrix products through BLAS (what it
@@ -133,6 +133,12 @@ def fused_ops(path: str | Path) -> dict[str, int]:
     return {k: int(counts.get(k, 0)) for k in ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear", "Relu", "Transpose")}
 
 
+def _int8_words(art: Any) -> str:
+    """``"u8 activations, for onnxruntime-cpu"``: what an INT8 artifact is, from its manifest entry."""
+    act = str(art.details.get("activations", "int8 symmetric"))  # bundles from before targets: the symmetric s8 recipe
+    return f"{'u8' if act.startswith('uint8') else 's8'} activations" + (f", for {art.target}" if art.target else "")
+
+
 def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     import numpy as np
 
@@ -144,6 +150,9 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     spec = manifest.preprocessing
     fp32 = bundle / manifest.artifact("onnx-fp32").file
     int8 = bundle / manifest.artifact("onnx-int8").file
+    names = {a.name for a in manifest.artifacts}
+    qdq_s8 = bundle / manifest.artifact("onnx-int8-qdq-s8").file if "onnx-int8-qdq-s8" in names else None
+    int8_what = _int8_words(manifest.artifact("onnx-int8"))
     pre = Preprocessor(spec)
     x1 = pre(Path(cfg["images"][0]).read_bytes())[None]
     th = cfg["threads"]
@@ -164,13 +173,15 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         fns["fp32: float NCHW input (no uint8/normalise/transpose prefix)"] = _runner(_session(float_model, th), xf)
     except Exception as exc:  # onnx.utils can fail on unusual graphs; the rest still runs
         notes.append(f"float-input variant skipped: {type(exc).__name__}: {exc}")
-    fns["int8: runtime default (bundle QDQ, s8 activations, ORT_ENABLE_ALL)"] = _runner(_session(int8, th), x1)
-    fns["int8: QDQ, ORT_ENABLE_EXTENDED"] = _runner(_session(int8, th, "EXTENDED"), x1)
-    fns["int8: QDQ, 1 intra-op thread"] = _runner(_session(int8, 1), x1)
+    fns[f"int8: runtime default (bundle onnx-int8, {int8_what}, ORT_ENABLE_ALL)"] = _runner(_session(int8, th), x1)
+    fns["int8: onnx-int8, ORT_ENABLE_EXTENDED"] = _runner(_session(int8, th, "EXTENDED"), x1)
+    fns["int8: onnx-int8, 1 intra-op thread"] = _runner(_session(int8, 1), x1)
     quant: dict[str, Any] = {}
-    if cfg.get("u8_model"):
-        fns["int8: QDQ, u8 asymmetric activations (re-quantized here)"] = _runner(_session(cfg["u8_model"], th), x1)
-        fns["int8: QDQ u8, 1 intra-op thread"] = _runner(_session(cfg["u8_model"], 1), x1)
+    if qdq_s8 is not None:
+        fns["int8: bundle onnx-int8-qdq-s8 (TensorRT's file, s8 activations)"] = _runner(_session(qdq_s8, th), x1)
+        fns["int8: onnx-int8-qdq-s8, 1 intra-op thread"] = _runner(_session(qdq_s8, 1), x1)
+    else:
+        notes.append("the bundle has no onnx-int8-qdq-s8 (converted before INT8 was written per target)")
     calib = (cfg.get("calibration_images") or [])[:16]
     if calib:
         from .quant import requantize
@@ -187,7 +198,7 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     else:
         notes.append("no calibration images: the re-quantized INT8 variants were skipped")
     fused = {}
-    for label, path in (("bundle int8 (QDQ s8)", int8), ("re-quantized QDQ u8", cfg.get("u8_model"))):
+    for label, path in ((f"bundle onnx-int8 ({int8_what})", int8), ("bundle onnx-int8-qdq-s8 (for TensorRT)", qdq_s8)):
         if path:
             fused[label] = fused_ops(path)
     b1 = interleaved(fns, cfg.get("rounds", 3), cfg.get("iters", 8))
@@ -202,11 +213,11 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         batch_fns[f"int8 batch {b}"] = _runner(s8, xb)
     batch_fns["fp32 batch 1"] = _runner(s32, x1)
     batch_fns["int8 batch 1"] = _runner(s8, x1)
-    if cfg.get("u8_model"):
-        su8 = _session(cfg["u8_model"], th)
+    if qdq_s8 is not None:
+        sq8 = _session(qdq_s8, th)
         for b in cfg.get("batch_sizes", [8, 32]):
             xb = np.stack([imgs[i % len(imgs)] for i in range(b)])
-            batch_fns[f"int8-u8 batch {b}"] = _runner(su8, xb)
+            batch_fns[f"int8-qdq-s8 batch {b}"] = _runner(sq8, xb)
     batches = interleaved(batch_fns, cfg.get("batch_rounds", 2), cfg.get("batch_iters", 3), warmup=1)
     return {"batch1": b1, "batches": batches, "requantized": quant, "fused_ops": fused, "notes": notes}
 
@@ -303,9 +314,9 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     bundle = Path(cfg["bundle"])
     manifest = read_manifest(bundle)
     spec = manifest.preprocessing
-    models = [("fp32", bundle / manifest.artifact("onnx-fp32").file), ("int8 bundle s8", bundle / manifest.artifact("onnx-int8").file)]
-    if cfg.get("u8_model"):
-        models.append(("int8 u8", Path(cfg["u8_model"])))
+    models = [("fp32", bundle / manifest.artifact("onnx-fp32").file), ("int8 bundle onnx-int8", bundle / manifest.artifact("onnx-int8").file)]
+    if "onnx-int8-qdq-s8" in {a.name for a in manifest.artifacts}:
+        models.append(("int8 bundle onnx-int8-qdq-s8", bundle / manifest.artifact("onnx-int8-qdq-s8").file))
     out: dict[str, Any] = {}
     for label, path in models:
         for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED"):

@@ -31,12 +31,34 @@ TITLES = {
     "torch-eager": "torch eager (`learn.model`)",
     "torchscript": "TorchScript",
     "ort-fp32": "ONNX Runtime FP32 (`runtime.Classifier`)",
-    "ort-int8": "ONNX Runtime INT8, bundle's QDQ s8 (`runtime.Classifier`)",
-    "ort-int8-u8": "ONNX Runtime INT8, QDQ u8 re-quantized here (`runtime.Classifier`)",
+    "ort-int8": "ONNX Runtime INT8, bundle's `onnx-int8` (`runtime.Classifier`)",
+    "ort-int8-qdq-s8": "ONNX Runtime INT8, bundle's `onnx-int8-qdq-s8`, made for TensorRT (`runtime.Classifier`)",
 }
-SHORT = {"fastai": "fastai", "torch-eager": "torch eager", "torchscript": "TorchScript", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8 (bundle, s8)",
-         "ort-int8-u8": "ORT INT8 (u8, re-quantized)"}
-RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-u8")
+SHORT = {"fastai": "fastai", "torch-eager": "torch eager", "torchscript": "TorchScript", "ort-fp32": "ORT FP32", "ort-int8": "ORT INT8 (onnx-int8)",
+         "ort-int8-qdq-s8": "ORT INT8 (onnx-int8-qdq-s8)"}
+RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-qdq-s8")
+#: results written before the bundle had one INT8 file per target: ``ort-int8`` was the bundle's symmetric s8 file and
+#: ``ort-int8-u8`` a uint8 model the benchmark re-quantized itself; they keep rendering as they were measured
+LEGACY_TITLES = {**TITLES, "ort-int8": "ONNX Runtime INT8, bundle's QDQ s8 (`runtime.Classifier`)",
+                 "ort-int8-u8": "ONNX Runtime INT8, QDQ u8 re-quantized here (`runtime.Classifier`)"}
+LEGACY_SHORT = {**SHORT, "ort-int8": "ORT INT8 (bundle, s8)", "ort-int8-u8": "ORT INT8 (u8, re-quantized)"}
+LEGACY_RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-u8")
+
+
+def _legacy(results: dict[str, Any]) -> bool:
+    return "int8_artifacts" not in results
+
+
+def title(results: dict[str, Any], name: str) -> str:
+    return (LEGACY_TITLES if _legacy(results) else TITLES).get(name, name)
+
+
+def short(results: dict[str, Any], name: str) -> str:
+    return (LEGACY_SHORT if _legacy(results) else SHORT).get(name, name)
+
+
+def runtime_paths(results: dict[str, Any]) -> tuple[str, ...]:
+    return LEGACY_RUNTIME_PATHS if _legacy(results) else RUNTIME_PATHS
 GOALS = {"speedup": 6.0, "agreement": 0.99, "peak_fraction": 0.70, "pre_share": 0.15, "cold_ms": 1000.0, "rss_mb": 200.0}
 
 
@@ -85,7 +107,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     paths = results["paths"]
     base = _ok(paths, "fastai")
     rows: list[dict[str, Any]] = []
-    for name in RUNTIME_PATHS:
+    for name in runtime_paths(results):
         r = _ok(paths, name)
         if not r or not base:
             continue
@@ -108,7 +130,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         if a.get("distinct_baseline_labels", 99) < 3:
             caveat = (f" — but the baseline gives only {a['distinct_baseline_labels']} distinct label(s) to these images, so agreement "
                       f"is nearly vacuous; max |Δp| vs fastai {f(a.get('max_abs_dprob'), 4)}")
-        rows.append({"goal": f"bytes->label batch 1 >= 6x faster than learn.predict, >= 99 % top-1 agreement ({SHORT[name]})",
+        rows.append({"goal": f"bytes->label batch 1 >= 6x faster than learn.predict, >= 99 % top-1 agreement ({short(results, name)})",
                      "measured": f"{results['threads']} threads: {sp:.2f}x (p50 {f(r['batch1']['latency_ms']['p50'])} vs "
                                  f"{f(base['batch1']['latency_ms']['p50'])} ms)"
                                  + (f"; 1 thread: {sp1:.2f}x" if sp1 else "")
@@ -132,7 +154,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "met": frac >= GOALS["peak_fraction"],
                      "miss": "" if frac >= GOALS["peak_fraction"] else f"{100 * (GOALS['peak_fraction'] - frac):.1f} points short at batch 1 "
                                                                         f"(inference would need {infer * frac / GOALS['peak_fraction']:.1f} ms instead of {infer:.1f})"})
-    for name in RUNTIME_PATHS:
+    for name in runtime_paths(results):
         r = _ok(paths, name)
         if not r or "phone" not in r:
             continue
@@ -140,11 +162,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         if share is None:
             continue
         d, p = _stage(r, "phone", "decode"), _stage(r, "phone", "preprocess")
-        rows.append({"goal": f"decode+preprocess <= 15 % of image->label on a phone photo ({SHORT[name]})",
+        rows.append({"goal": f"decode+preprocess <= 15 % of image->label on a phone photo ({short(results, name)})",
                      "measured": f"{pct(share)} (decode {f(d)} + preprocess {f(p)} of {f(r['phone']['latency_ms']['p50'])} ms, p50)",
                      "met": share <= GOALS["pre_share"],
                      "miss": "" if share <= GOALS["pre_share"] else f"{100 * (share - GOALS['pre_share']):.1f} points over"})
-    for name in RUNTIME_PATHS:
+    for name in runtime_paths(results):
         r = _ok(paths, name)
         if not r:
             continue
@@ -156,7 +178,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             miss.append(f"cold start {cold - GOALS['cold_ms']:.0f} ms over")
         if rss and rss > GOALS["rss_mb"]:
             miss.append(f"RSS {rss - GOALS['rss_mb']:.0f} MB over")
-        rows.append({"goal": f"runtime cold start (import + bundle load) <= 1 s and RSS <= 200 MB ({SHORT[name]})",
+        rows.append({"goal": f"runtime cold start (import + bundle load) <= 1 s and RSS <= 200 MB ({short(results, name)})",
                      "measured": f"import {f(r['cold_start']['import_ms'], 0)} + load {f(r['cold_start']['load_ms'], 0)} = {f(cold, 0)} ms; "
                                  f"peak RSS {f(rss, 0)} MB after the first prediction",
                      "met": met, "miss": "; ".join(miss)})
@@ -198,7 +220,7 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
     colours = {"decode": "#4e79a7", "preprocess": "#f28e2b", "fastai pipeline": "#f28e2b", "infer": "#59a14f", "post": "#bab0ac"}
     for ax, (key, title, items) in zip(axes[0], series):
         rows = [r for _, r in items][::-1]
-        names = [f"{SHORT.get(n, n)}\np50 {r[key]['latency_ms']['p50']:.1f} ms" if key in r else SHORT.get(n, n)
+        names = [f"{short(results, n)}\np50 {r[key]['latency_ms']['p50']:.1f} ms" if key in r else short(results, n)
                  for n, r in items][::-1]
         seen = set()
         for y, r in enumerate(rows):
@@ -256,13 +278,13 @@ def summary(results: dict[str, Any]) -> list[str]:
         b = base["batch1"]["latency_ms"]["p50"]
         one = results.get("one_thread") or {}
         ob = one.get("fastai") if one.get("fastai") and "error" not in one["fastai"] else None
-        for name in RUNTIME_PATHS:
+        for name in runtime_paths(results):
             r = _ok(paths, name)
             if r:
                 o = one.get(name) if one.get(name) and "error" not in one[name] else None
                 at1 = (f"; at 1 thread {f(o['batch1']['latency_ms']['p50'])} ms, "
                        f"{ob['batch1']['latency_ms']['p50'] / o['batch1']['latency_ms']['p50']:.2f}x") if o and ob else ""
-                out.append(f"{SHORT[name]}: {f(r['batch1']['latency_ms']['p50'])} ms p50 from bytes to label, "
+                out.append(f"{short(results, name)}: {f(r['batch1']['latency_ms']['p50'])} ms p50 from bytes to label, "
                            f"{b / r['batch1']['latency_ms']['p50']:.2f}x faster than `learn.predict` ({f(b)} ms){at1}")
     ex = results.get("experiments") or {}
     if ex and "error" not in ex:
@@ -283,7 +305,7 @@ def summary(results: dict[str, Any]) -> list[str]:
         r = _ok(paths, name)
         if r and "phone" in r:
             sh = pre_share(r, "phone")
-            out.append(f"phone-size photo through {SHORT[name]}: decode + preprocess are {pct(sh)} of bytes -> label")
+            out.append(f"phone-size photo through {short(results, name)}: decode + preprocess are {pct(sh)} of bytes -> label")
     if not out:
         return []
     return ["## Summary (computed from this run)", ""] + [f"* {line}." for line in out] + [""]
@@ -386,7 +408,14 @@ def method_section(results: dict[str, Any]) -> list[str]:
              f"{results['int8_u8']['calibration']} calibration on {results['int8_u8']['calibration_images']} training images, "
              "put in a temporary copy of the bundle and run by `runtime.Classifier` like the others. The bundle's own INT8 file uses "
              "symmetric int8 activations (for TensorRT); see *What was tried* for why that matters on this CPU."]
-            if results.get("int8_u8") and "error" not in results["int8_u8"] else []),
+            if results.get("int8_u8") and "error" not in results["int8_u8"] else []),  # results from before INT8 per target
+          *[f"* `{name}` (the bundle's own file, as `kimchi-edge convert` wrote it; nothing is re-quantized for these rows): "
+            f"for {q.get('target') or 'ONNX Runtime and TensorRT (written before INT8 was made per target)'}; QDQ, "
+            f"{q.get('activations', 'int8 symmetric')} activations, {q.get('weights', 'int8 symmetric per-channel')} weights, "
+            f"{q.get('calibration_method', 'minmax')} calibration ({q.get('calibration_mode', 'fixed')}) on "
+            f"{q.get('calibration_images', '?')} training images"
+            + (f"; {len(q['float_nodes'])} layer(s) kept in float" if q.get("float_nodes") else "") + "."
+            for name, q in (results.get("int8_artifacts") or {}).items()],
           "* Cold start: in-process import time of the path's stack + load time (learner / TorchScript / bundle), measured from a clock "
           "started before any heavy import; `first` = first prediction. RSS: `VmHWM` (peak resident set) of that process after the first "
           "prediction; `peak` = `VmHWM` at the end (includes batch 32 and the images held in memory).",
@@ -406,7 +435,7 @@ def results_section(results: dict[str, Any], chart: str | None) -> list[str]:
     rows = []
     for name, r in paths.items():
         if "error" in r:
-            rows.append([TITLES.get(name, name), f"failed: {r['error'][:80]}", *[""] * (len(header) - 2)])
+            rows.append([title(results, name), f"failed: {r['error'][:80]}", *[""] * (len(header) - 2)])
             continue
         b1 = r["batch1"]
         st = b1["stages_ms"]
@@ -416,7 +445,7 @@ def results_section(results: dict[str, Any], chart: str | None) -> list[str]:
         ag = r.get("agreement")
         cold = r["cold_start"]
         rows.append([
-            TITLES.get(name, name), f(b1["latency_ms"]["p50"]), f(b1["latency_ms"]["p90"]), f(b1["latency_ms"]["p99"]),
+            title(results, name), f(b1["latency_ms"]["p50"]), f(b1["latency_ms"]["p90"]), f(b1["latency_ms"]["p99"]),
             " / ".join(f(x.get("p50_ms")) for x in r.get("rounds", [])) or "—",
             "1.00x" if name == "fastai" else (f"{speed:.2f}x" if speed else "—"),
             f(st["decode"]["p50"], 2), f(pre["p50"], 2) + (" ¹" if "fastai pipeline" in st else ""), f(st["infer"]["p50"]),
@@ -459,11 +488,11 @@ def one_thread_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for name, r in one.items():
         if "error" in r:
-            rows.append([TITLES.get(name, name), f"failed: {r['error'][:80]}", "", "", "", "", ""])
+            rows.append([title(results, name), f"failed: {r['error'][:80]}", "", "", "", "", ""])
             continue
         lat, st = r["batch1"]["latency_ms"], r["batch1"]["stages_ms"]
         pre = st.get("preprocess") or st.get("fastai pipeline")
-        rows.append([TITLES.get(name, name), f(lat["p50"]), f(lat["p90"]), f(st["decode"]["p50"] + pre["p50"], 1), f(st["infer"]["p50"]),
+        rows.append([title(results, name), f(lat["p50"]), f(lat["p90"]), f(st["decode"]["p50"] + pre["p50"], 1), f(st["infer"]["p50"]),
                      "1.00x" if name == "fastai" else (f"{b1one['batch1']['latency_ms']['p50'] / lat['p50']:.2f}x" if b1one else "—"),
                      f"{b1one['batch1']['stages_ms']['infer']['p50'] / st['infer']['p50']:.2f}x" if b1one and name != "fastai" else "—"])
     L = ["### The same at 1 thread (one more round, batch-1 series only)", "",
@@ -492,7 +521,7 @@ def phone_section(results: dict[str, Any]) -> list[str]:
             st = ph["stages_ms"]
             pre = st.get("preprocess") or st.get("fastai pipeline")
             ag = r.get("phone_agreement")
-            rows.append([TITLES.get(name, name), f(ph["latency_ms"]["p50"]), f(ph["latency_ms"]["p99"]), f(st["decode"]["p50"]),
+            rows.append([title(results, name), f(ph["latency_ms"]["p50"]), f(ph["latency_ms"]["p99"]), f(st["decode"]["p50"]),
                          f(pre["p50"]) + (" ¹" if "fastai pipeline" in st else ""), f(st["infer"]["p50"]), pct(pre_share(r, "phone")),
                          "baseline" if name == "fastai" else (f"{ag['agree']}/{ag['n']}" if ag else "—")])
         L += _table(["path", "p50 ms", "p99 ms", "decode", "preprocess", "infer", "decode+preprocess share", "same label as fastai"], rows)
@@ -509,10 +538,13 @@ def goals_section(results: dict[str, Any]) -> list[str]:
     L += ["## Goals", ""]
     grows = [[g["goal"], g["measured"], "**met**" if g["met"] else "**missed**", g["miss"] or "—"] for g in goals(results)]
     L += _table(["goal", "measured in this run", "", "missed by"], grows, "llll")
-    if _ok(paths, "ort-int8-u8"):
+    if _ok(paths, "ort-int8-u8"):  # results from before INT8 per target
         L += ["", "`ORT INT8 (u8, re-quantized)` is **not in the bundle**: this command builds it (see *How it is measured*) to show "
               "what `kimchi-edge convert` would gain by writing an ONNX Runtime INT8 artifact with uint8 activations; the bundle's "
               "own artifacts are the FP32 and INT8 (s8) rows."]
+    if _ok(paths, "ort-int8-qdq-s8"):
+        L += ["", "`ORT INT8 (onnx-int8-qdq-s8)` is the bundle's INT8 file for TensorRT run on ONNX Runtime's CPU kernels, for "
+              "comparison: the runtime never picks it for ONNX Runtime by itself (it runs `onnx-int8`, made for this backend)."]
     L += [""]
     return L
 
@@ -545,9 +577,11 @@ def compute_section(results: dict[str, Any]) -> list[str]:
         L += [f"* Peak used below: **{peak:.0f} GFLOP/s** ({peak_where}): the best of the measurements, so fractions are not flattered."]
     if peak and "error" not in flops and flops:
         rows = []
-        for label, r, prec in (("ORT FP32", _ok(paths, "ort-fp32"), "fp32"),
-                               ("ORT INT8 bundle s8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8"), "int8"),
-                               ("ORT INT8 u8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8-u8"), "int8-u8")):
+        legacy = (("ORT INT8 bundle s8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8"), "int8"),
+                  ("ORT INT8 u8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8-u8"), "int8-u8"))
+        current = (("ORT INT8 onnx-int8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8"), "int8"),
+                   ("ORT INT8 onnx-int8-qdq-s8 (FP32-equivalent GOP/s)", _ok(paths, "ort-int8-qdq-s8"), "int8-qdq-s8"))
+        for label, r, prec in (("ORT FP32", _ok(paths, "ort-fp32"), "fp32"), *(legacy if _legacy(results) else current)):
             if not r:
                 continue
             infer = r["batch1"]["stages_ms"]["infer"]["p50"]
@@ -681,7 +715,7 @@ def load_section(results: dict[str, Any]) -> list[str]:
             mach = {**mach, "loadavg_start": " / ".join(str((m.get("loadavg_start") or [""])[0]) for m in mach["rounds"])}
         n = r["batch1"]["latency_ms"]["n"]
         cpu_ms = mach["cores_used_by_this_process"] * mach["wall_s"] * 1e3 / n if mach.get("cores_used_by_this_process") else None
-        rows.append([TITLES.get(name, name), str(mach.get("loadavg_start")), f(mach.get("cores_used_by_this_process"), 2),
+        rows.append([title(results, name), str(mach.get("loadavg_start")), f(mach.get("cores_used_by_this_process"), 2),
                      f(mach.get("cores_used_by_other_processes"), 2), f(cpu_ms, 1), f(mach.get("wall_s"), 1), f(r.get("seconds"), 0)])
     L += _table(["path", "1-min load average at start (per round)" if results.get("rounds", 1) > 1 else "load average at start", "CPUs used by this path", "CPUs used by other processes", "CPU ms per image",
                  "series s", "process s"], rows)

@@ -3,7 +3,7 @@
 Example (on the Jetson or GPU machine that will run it)::
 
     kimchi-edge build-engine runs/food10/bundle --fp16
-    kimchi-edge build-engine runs/food10/bundle --int8     # from the bundle's INT8 QDQ ONNX
+    kimchi-edge build-engine runs/food10/bundle --int8     # from the bundle's TensorRT INT8 QDQ ONNX (onnx-int8-qdq-s8)
 
 The build is ``kimchi_edge.convert.tensorrt.add_engines`` (Polygraphy; no torch needed).  Its manifest entry records
 the TensorRT version, GPU, compute capability and the SHA-256 of the ONNX it came from, so the runtime
@@ -23,7 +23,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder (with manifest.json)")
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="FP16 engine from onnx-fp32 (the default)")
-    g.add_argument("--int8", dest="precision", action="store_const", const="int8", help="INT8 engine from the INT8 QDQ ONNX (onnx-int8)")
+    g.add_argument("--int8", dest="precision", action="store_const", const="int8", help="INT8 engine from the TensorRT INT8 QDQ ONNX (onnx-int8-qdq-s8, symmetric int8)")
     parser.set_defaults(precision="fp16")
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a compatible engine of this precision exists")

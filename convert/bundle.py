@@ -43,7 +43,8 @@ DEFAULT_VERIFICATION_IMAGES = 200
 DEFAULT_VERIFICATION_MB = 25.0
 FILES = {
     "onnx-fp32": "model.onnx",
-    "onnx-int8": "model.int8.onnx",
+    "onnx-int8": "model.int8.onnx",  # INT8 for ONNX Runtime on CPU (uint8 activations)
+    "onnx-int8-qdq-s8": "model.int8-qdq-s8.onnx",  # INT8 for TensorRT (symmetric int8 QDQ)
     "torchscript": "model.torchscript.pt",
     "ort-fp32": "model.ort",
 }
@@ -79,11 +80,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _artifact(folder: Path, name: str, fmt: str, precision: str, input_kind: str, built_with: dict, details: dict) -> Artifact:
+def _artifact(folder: Path, name: str, fmt: str, precision: str, input_kind: str, built_with: dict, details: dict,
+              target: str = "") -> Artifact:
     path = folder / FILES[name]
     return Artifact(
         name=name, file=path.name, format=fmt, precision=precision, sha256=sha256_file(path),
-        size_bytes=path.stat().st_size, input=input_kind, built_with=built_with, details=details,
+        size_bytes=path.stat().st_size, input=input_kind, built_with=built_with, details=details, target=target,
     )
 
 
@@ -129,7 +131,7 @@ def bundle_from_run(
     data_root: str | Path | None = None,
     int8: bool = True,
     calib: int | None = None,
-    calib_method: str = "minmax",
+    calib_method: str = "auto",
     calib_seed: int = 0,
     torchscript: bool = True,
     ort: bool = True,
@@ -155,10 +157,12 @@ def bundle_from_run(
         out: the bundle folder (default ``RUN_DIR/bundle``); a previous bundle there is replaced only
             once the new one is complete.
         data_root: where the images of ``split.json`` are now, if they moved.
-        int8: build the INT8 QDQ ONNX model.
+        int8: build the INT8 QDQ ONNX models: ``onnx-int8`` for ONNX Runtime on CPU and ``onnx-int8-qdq-s8`` for
+            TensorRT (:data:`kimchi_edge.convert.int8.RECIPES`).
         calib: number of calibration images from the training split (default ``min(200, train)``);
             an error when larger than the training split.
-        calib_method: ``minmax``, ``entropy`` or ``percentile``.
+        calib_method: ``auto`` (each method scored on training images held back from calibration, the best kept)
+            or ``minmax``, ``entropy``, ``percentile``.
         calib_seed: seed of the stratified calibration sample.
         torchscript: write the traced TorchScript model.
         ort: write ONNX Runtime's mobile format (``model.ort`` + the operator config of a reduced build), gated too.
@@ -216,6 +220,7 @@ def bundle_from_run(
 
         artifacts = _write_artifacts(learn, tmp, plan, versions, seconds, torchscript=torchscript, ort=ort, opset=opset,
                                      exporter=exporter, calib_method=calib_method, calib_seed=calib_seed,
+                                     int8_min_agreement=(thresholds or Thresholds()).int8_min_agreement,
                                      batch_size=batch_size, quiet=quiet, say=say, log=log)
         manifest = _manifest(plan, artifacts, versions, sha256_file(tmp / REFERENCE_NAME), torchscript=torchscript,
                              calib_method=calib_method, calib_seed=calib_seed)
@@ -316,7 +321,8 @@ def _plan(run_dir: str | Path, out: str | Path | None, *, data_root: str | Path 
 
 
 def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str], seconds: dict[str, float], *,
-                     torchscript: bool, ort: bool, opset: int, exporter: str, calib_method: str, calib_seed: int, batch_size: int,
+                     torchscript: bool, ort: bool, opset: int, exporter: str, calib_method: str, calib_seed: int,
+                     int8_min_agreement: float, batch_size: int,
                      quiet: bool, say: Callable[[str], None], log: Callable[[str], None]) -> list[Artifact]:
     """TorchScript (optional), FP32 ONNX and INT8 QDQ ONNX (optional) into ``tmp``, each timed in ``seconds``."""
     meta = plan.run.meta
@@ -347,16 +353,20 @@ def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str
     say(f"convert: ONNX ({exp.exporter} exporter, opset {exp.opset}) in {seconds['onnx']:.1f} s")
 
     if plan.int8:
-        from .int8 import int8_from_onnx
+        from .int8 import RECIPES, int8_artifacts_from_onnx
 
         t = time.perf_counter()
-        say(f"convert: INT8 calibration on {len(plan.calib_files)} training images (stratified by class)")
-        details = int8_from_onnx(tmp / FILES["onnx-fp32"], tmp / FILES["onnx-int8"], plan.calib_files, meta,
-                                 method=calib_method, batch_size=batch_size, quiet=quiet, log=log)
-        details["calibration_seed"] = calib_seed
-        artifacts.append(_artifact(tmp, "onnx-int8", "onnx", "int8", onnx_input, onnx_built, details))
+        say(f"convert: INT8 calibration on {len(plan.calib_files)} training images (stratified by class; calibration "
+            f"{calib_method}{', each method scored on a held-back slice' if calib_method == 'auto' else ''})")
+        built = int8_artifacts_from_onnx(tmp / FILES["onnx-fp32"], {t_: tmp / FILES[r.artifact] for t_, r in RECIPES.items()},
+                                         plan.calib_files, meta, method=calib_method, min_agreement=int8_min_agreement,
+                                         batch_size=batch_size, quiet=quiet, log=say)
+        for target, details in built.items():
+            details["calibration_seed"] = calib_seed
+            artifacts.append(_artifact(tmp, RECIPES[target].artifact, "onnx", "int8", onnx_input, onnx_built, details,
+                                       target=target))
         seconds["int8"] = time.perf_counter() - t
-        say(f"convert: INT8 QDQ ONNX in {seconds['int8']:.1f} s")
+        say(f"convert: INT8 QDQ ONNX ({', '.join(r.artifact for r in RECIPES.values())}) in {seconds['int8']:.1f} s")
 
     if ort:
         from .ort_format import ort_from_onnx

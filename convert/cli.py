@@ -4,8 +4,9 @@
   kimchi-edge convert runs/food10 --fp16          # also a TensorRT FP16 engine (when TensorRT + GPU)
   kimchi-edge convert runs/food10 --data /new/place/of/food10
 
-Writes model.onnx (FP32, NHWC RGB 0-255 input, normalisation inside), model.int8.onnx (INT8 QDQ,
-calibrated on training images), model.torchscript.pt, reference.json (the learner's own
+Writes model.onnx (FP32, NHWC RGB 0-255 input, normalisation inside), model.int8.onnx (INT8 QDQ for
+ONNX Runtime on CPU, uint8 activations) and model.int8-qdq-s8.onnx (symmetric INT8 QDQ for TensorRT), both
+calibrated on training images, model.torchscript.pt, reference.json (the learner's own
 predictions), manifest.json, gate.md and gate.json.  Exits non-zero when an FP32 artifact fails the
 gate.  learner.pkl is a pickle: convert only learners you trust.
 """
@@ -69,14 +70,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by kimchi-edge train (learner.pkl, model_meta.json, split.json)")
     parser.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle; a previous bundle is replaced when the new one is complete)")
     parser.add_argument("--data", metavar="ROOT", help="where the images of split.json are now, if they moved")
-    parser.add_argument("--no-int8", action="store_true", help="do not build the INT8 ONNX model")
+    parser.add_argument("--no-int8", action="store_true", help="do not build the INT8 ONNX models (onnx-int8 for ONNX Runtime on CPU, onnx-int8-qdq-s8 for TensorRT)")
     parser.add_argument("--calib", type=int, default=None, metavar="N",
                         help="INT8 calibration images, drawn from the training split, stratified by class (default min(200, train))")
-    parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="INT8 calibration method (default minmax)")
+    parser.add_argument("--calibration", "--calib-method", dest="calib_method", choices=("auto", "minmax", "entropy", "percentile"),
+                        default="auto", help="INT8 calibration method; auto (default): each one calibrated on the calibration images "
+                        "minus a held-back quarter (>= 16) and the one agreeing best with FP32 on those kept")
     parser.add_argument("--no-torchscript", action="store_true", help="do not write the TorchScript model")
     parser.add_argument("--no-ort", action="store_true", help="do not write the ONNX Runtime mobile-format model (model.ort)")
     parser.add_argument("--fp16", action="store_true", help="build a TensorRT FP16 engine (needs TensorRT and a GPU; skipped with one line otherwise)")
-    parser.add_argument("--int8", action="store_true", help="build a TensorRT INT8 engine from the INT8 QDQ model (needs TensorRT and a GPU)")
+    parser.add_argument("--int8", action="store_true", help="build a TensorRT INT8 engine from the TensorRT INT8 QDQ model, onnx-int8-qdq-s8 (needs TensorRT and a GPU)")
     parser.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (default: beside the bundle)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
     parser.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",

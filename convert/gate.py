@@ -61,7 +61,7 @@ from kimchi_edge.runtime.manifest import (
     verify_artifact,
 )
 
-from .gate_policy import PREFERENCE, ArtifactResult, Thresholds, decide, embedded_mismatch, judge_decode_variant, recommend
+from .gate_policy import PREFERENCE, ArtifactResult, Thresholds, decide, embedded_mismatch, judge_decode_variant, quantization_summary, recommend
 from .gate_report import GateReport, format_markdown, format_table, write_report
 from .gate_stats import compare, paired_difference_interval, wilson_interval
 from .progress import progress
@@ -184,7 +184,7 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
     try:
         # the gate is what makes an artifact gated: it must load the candidate before any verdict exists
         clf = Classifier.from_bundle(bundle, backend=backend, artifact=art.name, threads=threads, fast_decode=fast_decode,
-                                     max_pixels=None, allow_ungated=True)
+                                     allow_ungated=True)
     except BundleError:  # missing or modified file: the gate must not pass over it
         raise
     except KimchiEdgeError as exc:
@@ -224,7 +224,7 @@ def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, file
     from .torchscript import load_torchscript, torchscript_logits
 
     verify_artifact(bundle, art)
-    pre = Preprocessor(manifest.preprocessing, max_pixels=None, fast_decode=fast_decode)
+    pre = Preprocessor(manifest.preprocessing, fast_decode=fast_decode)
     module = load_torchscript(artifact_path(bundle, art), threads=threads)
     torchscript_logits(module, pre.normalize(pre.batch(files[:1])))  # warm-up
     probs, infer = [], 0.0
@@ -395,6 +395,8 @@ def _score(bundle: Path, manifest: BundleManifest, art: Artifact, ref: Reference
         if mismatch:
             info["mismatch"] = mismatch
     r.images_per_s, r.infer_ms_per_image, r.runtime = ips, ims, info
+    if art.precision == "int8" and art.format == "onnx":
+        r.quantization = quantization_summary(art.target, art.details)
     decide(r, thresholds)
     return r
 

@@ -19,7 +19,8 @@ from kimchi_edge.runtime.manifest import BundleManifest
 
 __all__ = ["ArtifactResult", "PREFERENCE", "Thresholds", "decide", "embedded_mismatch", "recommend"]
 
-#: backend -> artifact names in order of preference (the first one that passes is recommended)
+#: backend -> artifact names in order of preference (the first one that passes is recommended).  ``onnx-int8`` is the
+#: INT8 quantized for ONNX Runtime on CPU; ``onnx-int8-qdq-s8`` (for TensorRT) is gated too but only feeds INT8 engines.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnx-int8", "onnx-fp32"),
     "tensorrt": ("trt-int8", "trt-fp16"),
@@ -51,6 +52,8 @@ class ArtifactResult:
     #: set on a row that re-scores artifact ``artifact`` on another backend (``backend="openvino"``); '' on the artifact's own row
     artifact: str = ""
     backend: str = ""
+    #: INT8 ONNX: its target, recipe, calibration candidates and their held-back scores, layers kept in float
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +93,19 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
     return a == b
+
+
+#: the INT8 details (``Artifact.details``, from :func:`kimchi_edge.convert.int8.int8_artifacts_from_onnx`) the report shows
+QUANTIZATION_KEYS = ("target", "activations", "weights", "calibration_mode", "calibration_method", "calibration_images",
+                     "holdout_images", "holdout_min_agreement", "calibration_candidates", "calibration_seconds",
+                     "float_nodes", "fallback", "seconds")
+
+
+def quantization_summary(target: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """What the gate report says about how an INT8 artifact was made (``{}`` for details without a recipe)."""
+    if "activations" not in details:
+        return {}
+    return {"target": target or details.get("target", ""), **{k: details[k] for k in QUANTIZATION_KEYS if k in details and k != "target"}}
 
 
 def decide(r: ArtifactResult, t: Thresholds) -> None:
@@ -166,6 +182,11 @@ def recommend(manifest: BundleManifest, status: Mapping[str, str]) -> tuple[dict
                     f"{n} failed the gate and is not recommended; {backend} uses {ok[0]} instead"
                     if ok else f"{n} failed the gate; no artifact is recommended for {backend}"
                 )
+    ranked = {n for prefs in PREFERENCE.values() for n in prefs}
+    for a in manifest.artifacts:  # gated, never recommended: the INT8 QDQ an INT8 TensorRT engine is built from
+        if a.name not in ranked and a.precision == "int8" and a.format == "onnx" and status.get(a.name) == "fail":
+            notes.append(f"{a.name} (INT8 for {a.target or 'TensorRT'}) failed the gate on ONNX Runtime; an INT8 TensorRT "
+                         "engine built from it is gated on its own before it is used")
     for backend, name in manifest.recommended.items():  # keep recommendations for backends we do not rank
         if backend not in PREFERENCE and name in by_name and status.get(name) == "pass":
             rec[backend] = name

@@ -169,6 +169,36 @@ def format_table(report: GateReport) -> str:
     return "\n".join(lines)
 
 
+def _quantization_section(report: GateReport) -> list[str]:
+    """How each INT8 artifact was made: target, recipe, calibration candidates on the held-back training images,
+    the layers kept in float and what that costs in speed."""
+    rows = [r for r in report.results if r.quantization and not r.backend]
+    if not rows:
+        return []
+    out = ["", "## INT8: target, calibration, layers kept in float", "",
+           "Calibration method chosen by top-1 agreement with FP32 on training images held back from calibration "
+           "(never the validation images above).", "",
+           "| artifact | target | activations / weights | calibration | held-back agreement per method | kept in float | held-back ms/img without → with |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r.quantization
+        cands = q.get("calibration_candidates") or {}
+        scores = ", ".join(f"{m} {c['agreement'] * 100:.1f}%" + (f" (mean\|Δp\| {c['mean_abs_dprob']:.4f})" if "mean_abs_dprob" in c else "")
+                           for m, c in cands.items() if c) or "not scored (too few calibration images to hold any back)"
+        fb = q.get("fallback") or {}
+        nodes = q.get("float_nodes") or []
+        ms = fb.get("holdout_ms_per_image") or {}
+        kept = (f"{len(nodes)}: " + ", ".join(f"`{n}`" for n in nodes)) if nodes else "none needed" if not fb.get("needed") else "none helped"
+        if fb.get("needed"):
+            kept += (f" (held-back agreement {fb.get('agreement_without', 0) * 100:.1f}% → {fb.get('agreement', 0) * 100:.1f}%"
+                     + ("" if fb.get("reached") else f", still below {q.get('holdout_min_agreement', 0) * 100:g}%") + ")")
+        cost = f"{ms['without']:.2f} → {ms['with']:.2f}" if ms else "-"
+        out.append(f"| {r.name} | {q.get('target') or '-'} | {q.get('activations', '-')} / {q.get('weights', '-')} | "
+                   f"{q.get('calibration_method', '-')} ({q.get('calibration_mode', '-')}; {q.get('calibration_images', '?')} images, "
+                   f"{q.get('holdout_images', 0)} held back) | {scores} | {kept} | {cost} |")
+    return out
+
+
 def format_markdown(report: GateReport) -> str:
     """``gate.md``: verdict, thresholds, the table, per-class deltas and notes."""
     t = report.thresholds
@@ -207,6 +237,7 @@ def format_markdown(report: GateReport) -> str:
                 cells.append("-" if d != d else f"{d * 100:+.1f}")
             ra = pc["reference_top1"]
             out.append(f"| {lab} | {pc['n']} | {'-' if ra != ra else _pct(ra)} | " + " | ".join(cells) + " |")
+    out += _quantization_section(report)
     out += ["", "## Recommended artifact per backend", ""]
     out += [f"- {b}: `{n}`" for b, n in report.recommended.items()] or ["- none"]
     if report.notes:

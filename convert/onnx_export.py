@@ -1,9 +1,11 @@
 """``learn.model`` -> one self-contained ONNX file that takes RGB pixels 0-255 (uint8, or float32 when the
-bundle's preprocessing resamples on the batch, see ``kimchi_edge.runtime.manifest.Preprocessing.dtype``).
+bundle's preprocessing resamples on the batch on the host, see ``kimchi_edge.runtime.manifest.Preprocessing``).
 
 The exported graph is ``image (N, H, W, 3) uint8 -> Cast -> /255 -> (x - mean) / std -> NCHW -> model
 -> logits (N, classes)``, with mean/std read from ``model_meta.json`` (which training read from the
-fastai pipeline), so a runtime feeds the bytes of its resized image and nothing else.
+fastai pipeline), so a runtime feeds the bytes of its resized image and nothing else.  With
+``Preprocessing.resample_in_graph`` the input is the item-size uint8 image and ``preprocess/*`` nodes do
+fastai's batch resample first (:func:`prepend_batch_resample`).
 
 The exporter is the maintained one for the installed torch (``torch.onnx.export(..., dynamo=True)``,
 based on ``torch.export``).  Only when it fails do we try the legacy TorchScript-based exporter, and
@@ -13,6 +15,7 @@ the reason is printed and recorded in the artifact details.  When both fail, the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import numpy as np
 
 from kimchi_edge.runtime.fsutil import atomic_write_bytes
 from kimchi_edge.runtime.manifest import ModelMeta, Preprocessing, to_dict
+from kimchi_edge.runtime.preprocess import Preprocessor
 
 from .errors import ConversionError
 
@@ -83,6 +87,91 @@ def normalizing_module(model: Any, pre: Preprocessing) -> Any:
             return self.model(x)
 
     return UInt8Normalize(model, pre.mean, pre.std, pre.layout == "NHWC").eval()
+
+
+#: Name prefix of the nodes and initializers :func:`prepend_batch_resample` adds.
+RESAMPLE_PREFIX = "preprocess/"
+
+
+def prepend_batch_resample(model: Any, pre: Preprocessing) -> Any:
+    """Put fastai's batch resample in front of a graph that takes float32 pixels at the network size.
+
+    The new input ``image`` is the item-size ``uint8`` image (``pre.input_shape``); ``preprocess/*``
+    nodes cast it to float32 and apply the taps of
+    :func:`kimchi_edge.runtime.preprocess.batch_resample_taps` -- the host's own resample, the same
+    float32 weights summed in the same order -- as one ``Gather`` + ``Mul`` per tap and a ``Sum``, rows
+    first, then columns (after swapping the two axes, so that both passes gather whole rows), clip to
+    [0, 255] and feed the old input.  There is no MatMul: everything stays in front of the first
+    convolution, where INT8 quantization keeps nodes in float.
+
+    Args:
+        model: an ``onnx.ModelProto`` whose one input ``image`` is float32 ``(N, height, width, 3)`` in
+            ``pre.layout``; changed in place and returned.
+        pre: the bundle's preprocessing, with ``resample_in_graph`` set.
+
+    Raises:
+        ConversionError: ``pre`` has no in-graph resample, or the graph's input is not the expected one.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kimchi_edge.runtime.preprocess import batch_resample_taps
+
+    if not pre.resample_in_graph:
+        raise ConversionError("prepend_batch_resample: the preprocessing does not put the batch resample in the graph")
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ConversionError(f"prepend_batch_resample: expected one float input {INPUT_NAME!r}, found {[i.name for i in inputs]}")
+    old = inputs[0]
+    batch_dim = onnx.TensorShapeProto.Dimension()
+    batch_dim.CopyFrom(old.type.tensor_type.shape.dim[0])
+    P = RESAMPLE_PREFIX
+    pixels = P + "pixels"  # what the old graph read as its input
+    for node in g.node:
+        node.input[:] = [pixels if n == INPUT_NAME else n for n in node.input]
+
+    (ri, rw), (ci, cw) = batch_resample_taps(pre.resize_height, pre.resize_width, pre.height, pre.width, pre.batch_square, pre.batch_crop)
+    axis = 1 if pre.layout == "NHWC" else 2  # the height axis; width is the next one
+    swap = list(range(4))
+    swap[axis], swap[axis + 1] = swap[axis + 1], swap[axis]
+    nodes = [helper.make_node("Cast", [INPUT_NAME], [P + "float"], name=P + "cast", to=TensorProto.FLOAT)]
+    new_inits = []
+
+    def one_axis(src: str, idx: np.ndarray, w: np.ndarray, tag: str) -> str:
+        """out[i] = sum_k w[i, k] * src[idx[i, k]] along ``axis``, k in order (as the host does)."""
+        terms = []
+        for k in range(idx.shape[1]):
+            name = f"{P}{tag}_tap{k}"
+            new_inits.append(numpy_helper.from_array(idx[:, k].astype(np.int64), name + "_index"))
+            new_inits.append(numpy_helper.from_array(w[:, k].astype(np.float32).reshape((-1,) + (1,) * (3 - axis)), name + "_weight"))
+            nodes.append(helper.make_node("Gather", [src, name + "_index"], [name + "_rows"], name=name + "_gather", axis=axis))
+            nodes.append(helper.make_node("Mul", [name + "_rows", name + "_weight"], [name], name=name + "_mul"))
+            terms.append(name)
+        out = f"{P}{tag}"
+        nodes.append(helper.make_node("Sum", terms, [out], name=out + "_sum") if len(terms) > 1
+                     else helper.make_node("Identity", terms, [out], name=out + "_sum"))
+        return out
+
+    rows = one_axis(P + "float", ri, rw, "rows")
+    nodes.append(helper.make_node("Transpose", [rows], [P + "rows_t"], name=P + "swap", perm=swap))
+    cols = one_axis(P + "rows_t", ci, cw, "cols")
+    nodes.append(helper.make_node("Transpose", [cols], [P + "resampled"], name=P + "swap_back", perm=swap))
+    new_inits += [numpy_helper.from_array(np.array(0.0, dtype=np.float32), P + "min"),
+                  numpy_helper.from_array(np.array(255.0, dtype=np.float32), P + "max")]
+    nodes.append(helper.make_node("Clip", [P + "resampled", P + "min", P + "max"], [pixels], name=P + "clip"))
+
+    new_input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, *pre.input_shape])
+    new_input.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
+    position = list(g.input).index(old)
+    g.input.remove(old)
+    g.input.insert(position, new_input)
+    existing = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + existing)
+    g.initializer.extend(new_inits)
+    return model
 
 
 def ops_named_in(exc: BaseException) -> list[str]:
@@ -191,7 +280,8 @@ def set_metadata(model: Any, meta: ModelMeta, **extra: str) -> None:
         META_ARCHITECTURE: meta.architecture,
         META_INTERFACE: json.dumps(
             {"input": INPUT_NAME, "dtype": pre.dtype, "layout": pre.layout, "channels": pre.channels,
-             "height": pre.height, "width": pre.width, "output": OUTPUT_NAME, "output_kind": "logits"},
+             "height": pre.input_height, "width": pre.input_width, "resample_in_graph": pre.resample_in_graph,
+             "output": OUTPUT_NAME, "output_kind": "logits"},
             ensure_ascii=False,
         ),
         **extra,
@@ -214,9 +304,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
-def check_onnx_model(model: Any, *, where: str, dtype: str = "uint8") -> None:
+def check_onnx_model(model: Any, *, where: str, dtype: str = "uint8", shape: tuple[int, ...] | None = None) -> None:
     """``onnx.checker`` (full check, with shape inference) and the interface kimchi-edge promises
-    (one input ``image`` of the bundle's ``dtype`` with a dynamic batch axis, one self-contained file).
+    (one input ``image`` of the bundle's ``dtype`` with a dynamic batch axis and, when given, the per-image
+    ``shape`` (``Preprocessing.input_shape``), one self-contained file).
 
     Raises:
         ConversionError: the checker fails, the file would need external data, or the interface is wrong.
@@ -242,6 +333,9 @@ def check_onnx_model(model: Any, *, where: str, dtype: str = "uint8") -> None:
         )
     if not t.shape.dim or t.shape.dim[0].dim_value:
         raise ConversionError(f"{where}: the batch axis of {INPUT_NAME!r} is fixed; expected a dynamic batch")
+    dims = tuple(d.dim_value for d in t.shape.dim[1:])
+    if shape is not None and dims != tuple(shape):
+        raise ConversionError(f"{where}: input {INPUT_NAME!r} is (N, {', '.join(map(str, dims))}); expected (N, {', '.join(map(str, shape))})")
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     if opsets.get("ai.onnx", 0) < MIN_OPSET:
         raise ConversionError(f"{where}: opset {opsets.get('ai.onnx')} < {MIN_OPSET}")
@@ -295,10 +389,13 @@ def onnx_from_learner(
     model = getattr(learn, "model", learn)
     model = model.eval().cpu().float()
     pre = meta.preprocessing
-    wrapper = normalizing_module(model, pre)
+    # The network part is exported as it always was: float32 pixels at the network size.  With the batch
+    # resample in the graph, its nodes are prepended afterwards (prepend_batch_resample).
+    net_pre = dataclasses.replace(pre, resample_in_graph=False, dtype="float32") if pre.resample_in_graph else pre
+    wrapper = normalizing_module(model, net_pre)
     shape = pre.batch_shape(2)
     gen = torch.Generator().manual_seed(0)
-    example = _example(shape, pre.dtype, gen)
+    example = _example(net_pre.batch_shape(2), net_pre.dtype, gen)
 
     used, fallback_reason, proto = "", "", None
     errors: list[BaseException] = []
@@ -325,20 +422,24 @@ def onnx_from_learner(
             f"({_first_line(errors[-1], 200)})"
         ) from errors[-1]
 
+    if pre.resample_in_graph:
+        prepend_batch_resample(proto, pre)
     set_metadata(proto, meta)
     proto.doc_string = (
         f"kimchi-edge: {meta.architecture} image classifier, {len(meta.labels)} classes; input {INPUT_NAME} {pre.dtype} "
-        f"(N, {pre.height}, {pre.width}, 3) RGB, output {OUTPUT_NAME} (N, {len(meta.labels)})"
+        f"(N, {', '.join(map(str, pre.input_shape))}) RGB, output {OUTPUT_NAME} (N, {len(meta.labels)})"
     )
-    check_onnx_model(proto, where="exported ONNX", dtype=pre.dtype)
+    check_onnx_model(proto, where="exported ONNX", dtype=pre.dtype, shape=pre.input_shape)
     data = proto.SerializeToString()
 
-    # Sanity check against torch on batches of 3 and 1 (proves the batch axis is really dynamic).
+    # Sanity check against torch on batches of 3 and 1 (proves the batch axis is really dynamic); with the
+    # resample in the graph, torch gets the host's resample of the same uint8 batch.
     max_diff = 0.0
+    host = Preprocessor(pre)
     for n in (3, 1):
         x = _example((n, *shape[1:]), pre.dtype, gen)
         with torch.no_grad():
-            ref = wrapper(x).float().numpy()
+            ref = wrapper(torch.from_numpy(host.network_pixels(x.numpy())) if pre.resample_in_graph else x).float().numpy()
         try:
             got = _ort_logits(data, x.numpy())
         except Exception as exc:

@@ -17,14 +17,37 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from kimchi_edge.runtime.errors import MissingDependencyError
+from kimchi_edge.runtime.errors import BundleError, MissingDependencyError
 from kimchi_edge.runtime.fsutil import atomic_write_bytes, sha256_file
-from kimchi_edge.runtime.manifest import Artifact, BundleManifest, read_manifest, write_manifest
+from kimchi_edge.runtime.manifest import TARGET_TENSORRT, Artifact, BundleManifest, read_manifest, write_manifest
 from kimchi_edge.runtime.sysinfo import cuda_device_facts
 
 PRECISIONS = ("fp16", "int8")
-#: artifact name -> the ONNX artifact it is built from
-SOURCE_ONNX = {"fp16": "onnx-fp32", "int8": "onnx-int8"}
+#: engine precision -> the ONNX artifact it is built from (INT8: see :func:`source_onnx`)
+SOURCE_ONNX = {"fp16": "onnx-fp32", "int8": "onnx-int8-qdq-s8"}
+
+
+def source_onnx(manifest: BundleManifest, precision: str) -> Artifact:
+    """The ONNX artifact an engine of ``precision`` is built from.
+
+    FP16: ``onnx-fp32``.  INT8: the INT8 ONNX quantized for TensorRT (``target == "tensorrt"``, symmetric int8 QDQ:
+    explicit quantization needs zero points of 0); in a bundle written before targets existed, its only INT8 file
+    ``onnx-int8``, which was that recipe.  ONNX Runtime's CPU INT8 (uint8 activations) is never used.
+
+    Raises:
+        BundleError: the bundle has no suitable ONNX artifact.
+    """
+    if precision != "int8":
+        return manifest.artifact(SOURCE_ONNX[precision])
+    onnx_int8 = [a for a in manifest.artifacts if a.format == "onnx" and a.precision == "int8"]
+    for a in onnx_int8:
+        if a.target == TARGET_TENSORRT:
+            return a
+    legacy = [a for a in onnx_int8 if a.target == ""]
+    if legacy:
+        return legacy[0]
+    raise BundleError("the bundle has no INT8 ONNX model quantized for TensorRT (symmetric int8 QDQ; it has "
+                      f"{[(a.name, a.target) for a in onnx_int8] or 'no INT8 ONNX'}); re-convert it with a current kimchi-edge")
 
 
 class TensorRTUnavailableError(MissingDependencyError):
@@ -174,7 +197,7 @@ def build_engines(
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; choose from {PRECISIONS}")
-        src = manifest.artifact(SOURCE_ONNX[precision])
+        src = source_onnx(manifest, precision)
         verify_artifact(bundle_dir, src)
         log(f"TensorRT: building {engine_name(precision)} from {src.file} (timing cache {cache})")
         facts = engine_from_onnx(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import create_backend
-from .errors import InvalidInputError, UsageError
+from .errors import BackendError, InvalidInputError, UsageError
 from .manifest import BundleManifest, read_manifest
-from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
+from .preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Classifier:
         self.notes = notes
         self.labels = list(manifest.labels)
         self.load_ms = 0.0
+        self._calls = 0  # inferences running now; close() waits for them
+        self._closed = False
+        self._calls_cv = threading.Condition()
 
     @classmethod
     def from_bundle(
@@ -76,6 +80,7 @@ class Classifier:
         providers: list[str] | None = None,
         verify: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
         fast_decode: bool | None = None,
         allow_ungated: bool = False,
     ) -> "Classifier":
@@ -92,6 +97,8 @@ class Classifier:
             providers: force ONNX Runtime execution providers.
             verify: check the artifact's SHA-256 before loading it.
             max_pixels: refuse larger images before decoding them.
+            max_decode_bytes: refuse images whose decoding would take more memory than this (pixels x bytes per
+                pixel of the file's mode, plus the RGB conversion), before decoding them.
             fast_decode: reduced-scale JPEG decoding of large photos.  ``None`` (default): only where the
                 accuracy gate found it meets the FP32 thresholds on this bundle (``manifest.gate.fast_decode``);
                 otherwise full-size decoding, which is what the gate judged.
@@ -118,7 +125,7 @@ class Classifier:
         )
         if fast_decode is None:
             fast_decode = bool(manifest.gate and manifest.gate.fast_decode)
-        pre = Preprocessor(manifest.preprocessing, max_pixels=max_pixels, fast_decode=fast_decode)
+        pre = Preprocessor(manifest.preprocessing, max_pixels=max_pixels, fast_decode=fast_decode, max_decode_bytes=max_decode_bytes)
         clf = cls(bundle_dir, manifest, be, pre, notes)
         clf.load_ms = (time.perf_counter() - t0) * 1e3
         return clf
@@ -162,11 +169,21 @@ class Classifier:
 
         Raises:
             InvalidInputError: the batch has the wrong shape or dtype.
+            BackendError: the classifier has been closed, or the backend failed.
         """
         expected = self.preprocessor.input_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise InvalidInputError(f"got a batch of shape {tuple(batch.shape)}; expected (N, {', '.join(map(str, expected))})")
-        logits = self.backend.infer(np.ascontiguousarray(batch))
+        with self._calls_cv:
+            if self._closed:
+                raise BackendError("this Classifier is closed; load the bundle again (Classifier.from_bundle)")
+            self._calls += 1
+        try:
+            logits = self.backend.infer(np.ascontiguousarray(batch))
+        finally:
+            with self._calls_cv:
+                self._calls -= 1
+                self._calls_cv.notify_all()
         return softmax(logits) if self.manifest.output == "logits" else logits
 
     def prepare(self, image: ImageInput) -> tuple[np.ndarray, dict[str, float]]:
@@ -247,6 +264,12 @@ class Classifier:
         return results
 
     def close(self) -> None:
+        """Release the backend once the inferences already running have finished; later calls raise ``BackendError``."""
+        with self._calls_cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._calls_cv.wait_for(lambda: self._calls == 0)
         self.backend.close()
 
     def __enter__(self) -> "Classifier":

@@ -43,10 +43,16 @@ class Preprocessing:
        preceded by fastai's area pre-filter when it downsamples by more than 2x.
 
     Normalisation ``(x / 255 - mean) / std`` is recorded here and folded into the ONNX graph, so a
-    runtime feeds RGB pixel values 0-255 in ``layout`` at ``height`` x ``width``, as ``dtype``:
-    ``uint8`` when the geometry is Pillow's alone (exact), ``float32`` when the batch resample makes
-    fractional pixels — rounding those to uint8 flipped 1 of 90 validation predictions of a food10 model,
-    enough to fail the FP32 gate, so they are passed on unrounded, as fastai does.
+    runtime feeds RGB pixel values 0-255 in ``layout`` at ``input_height`` x ``input_width``, as ``dtype``.
+    ``height`` x ``width`` is always the size the network itself sees.
+
+    * Without a batch step, or with ``resample_in_graph`` (new bundles), the model input is the
+      ``uint8`` item-size image (Pillow's output, exact); with ``resample_in_graph`` step 2 is a fixed
+      float32 linear map inside the ONNX graph (``preprocess/*`` nodes, in front of the normalisation).
+    * Bundles written before ``resample_in_graph`` existed (it defaults to ``False``) resample on the
+      host and feed ``float32`` at ``height`` x ``width``: rounding the fractional pixels of the
+      resample to uint8 flipped 1 of 90 validation predictions of a food10 model, enough to fail the
+      FP32 gate, so they are passed on unrounded, as fastai does.
     """
 
     height: int
@@ -58,6 +64,7 @@ class Preprocessing:
     batch_resize: bool = False
     batch_square: bool = True
     batch_crop: float = 1.0
+    resample_in_graph: bool = False  # the batch resample runs inside the model (input at the item size)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     layout: str = "NHWC"
@@ -75,11 +82,26 @@ class Preprocessing:
             raise BundleError(f"preprocessing.dtype is {self.dtype!r}; expected 'uint8' or 'float32'")
         if self.layout not in ("NHWC", "NCHW"):
             raise BundleError(f"preprocessing.layout is {self.layout!r}; expected 'NHWC' or 'NCHW'")
+        if self.resample_in_graph and not self.batch_resize:
+            raise BundleError("preprocessing.resample_in_graph is set but there is no batch resample (batch_resize is false)")
+        if self.resample_in_graph and self.dtype != "uint8":
+            raise BundleError(f"preprocessing.resample_in_graph feeds the item-size uint8 image; got dtype {self.dtype!r}")
+
+    @property
+    def input_height(self) -> int:
+        """Height of the model input: the item size when the batch resample is in the graph."""
+        return self.resize_height if self.resample_in_graph else self.height
+
+    @property
+    def input_width(self) -> int:
+        """Width of the model input: the item size when the batch resample is in the graph."""
+        return self.resize_width if self.resample_in_graph else self.width
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """One image's model input shape in ``layout`` (no batch axis)."""
-        return (self.height, self.width, 3) if self.layout == "NHWC" else (3, self.height, self.width)
+        h, w = self.input_height, self.input_width
+        return (h, w, 3) if self.layout == "NHWC" else (3, h, w)
 
     def batch_shape(self, n: int) -> tuple[int, int, int, int]:
         """The model input shape of ``n`` images."""
@@ -113,6 +135,12 @@ class ModelMeta:
         return len(self.labels)
 
 
+#: ``Artifact.target`` values ("" = not target-specific)
+TARGET_ORT_CPU = "onnxruntime-cpu"
+TARGET_TENSORRT = "tensorrt"
+ARTIFACT_TARGETS = ("", TARGET_ORT_CPU, TARGET_TENSORRT)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One file of the bundle and the facts needed to trust it.
@@ -130,6 +158,10 @@ class Artifact:
     input: str = "uint8-nhwc"
     built_with: Mapping[str, str] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: the engine an INT8 ONNX file was quantized for: "onnxruntime-cpu" (uint8 activations) or "tensorrt"
+    #: (symmetric int8 QDQ); "" for everything else and for INT8 files of bundles written before targets existed.
+    #: A value this runtime does not know is kept and never chosen automatically.
+    target: str = ""
 
     def __post_init__(self) -> None:
         problem = unsafe_relative_path(self.file)

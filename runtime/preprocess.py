@@ -35,8 +35,21 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, OverflowError, NotImplementedError,
                   struct.error, Image.DecompressionBombError)
 
-# Pillow's own bomb check would raise its own error type at 2x its limit; we check first ourselves.
-Image.MAX_IMAGE_PIXELS = None
+#: Refuse images whose decoding would hold more memory than this (pixels x bytes per pixel of the file's
+#: real mode, plus the RGB conversion; :func:`decode_bytes`): an RGB photo at the pixel limit just fits, an
+#: RGBA or 16-bit image must be proportionally smaller.
+DEFAULT_MAX_DECODE_BYTES = 4 * DEFAULT_MAX_PIXELS
+
+# Pillow's own decompression-bomb check (Image.MAX_IMAGE_PIXELS) is left as it is for every other user of
+# Pillow in the process: the runtime's limits are per call (decode_image's max_pixels / max_decode_bytes).
+# An image over Pillow's hard limit (2 x MAX_IMAGE_PIXELS, ~179 MP) is refused by Pillow at open, whatever
+# max_pixels says; an application that needs larger images raises Image.MAX_IMAGE_PIXELS itself.
+
+#: Bytes per pixel Pillow stores for a mode (everything not listed is 4: RGB is stored as RGBX).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+#: Rows converted at a time from 16/32-bit greyscale (keeps the temporary arrays small).
+_CHUNK_PIXELS = 1 << 18
 
 
 def _describe(src: Any) -> str:
@@ -51,40 +64,97 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB.
 
     Transparent images are composited on white (dropping alpha would expose arbitrary colours),
-    16/32-bit greyscale is scaled (not clipped) to 8 bits, palette/greyscale/CMYK are converted.
+    16/32-bit greyscale is scaled (not clipped) to 8 bits with integer arithmetic, a block of rows at a
+    time (no full-size float64 copy), palette/greyscale/CMYK are converted.
     """
     mode = im.mode
     if mode == "RGB":
         return im
     if mode == "P" and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _ALPHA_MODES:
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))  # = alpha_composite on opaque white, without the RGBA copies
+        return out
     if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if not np.isfinite(arr).all():
-            raise InvalidInputError(f"image of mode {mode} holds NaN or infinite values")
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        arr8 = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _wide_grey_to_rgb(im)
     return im.convert("RGB")
+
+
+def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale -> RGB, scaled to 8 bits (not clipped), in blocks of rows.
+
+    16-bit: ``(x * 255 + 32767) // 65535`` in ``uint32``, which equals ``rint(x / 65535 * 255)`` for every
+    16-bit value (no ties exist), i.e. what the earlier float64 conversion gave.
+    """
+    mode, (w, h) = im.mode, im.size
+    lo, hi = im.getextrema()
+    if mode == "F" and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidInputError(f"image of mode {mode} holds NaN or infinite values")
+    top = 65535.0 if mode.startswith("I;16") or hi > 255 else 255.0
+    if mode == "F" and hi <= 1.0:
+        top = 1.0
+    out = np.empty((h, w), dtype=np.uint8)
+    step = max(1, _CHUNK_PIXELS // max(1, w))
+    for y in range(0, h, step):
+        block = np.asarray(im.crop((0, y, w, min(h, y + step))))
+        rows = out[y : y + block.shape[0]]
+        if mode.startswith("I;16"):
+            wide = block.astype(np.uint32)
+            wide *= 255
+            wide += 32767
+            wide //= 65535
+            rows[...] = wide
+            continue
+        wide = block.astype(np.float64)  # one block of rows, not the image
+        if not np.isfinite(wide).all():
+            raise InvalidInputError(f"image of mode {mode} holds NaN or infinite values")
+        wide /= top
+        wide *= 255.0
+        np.rint(wide, out=wide)
+        np.clip(wide, 0, 255, out=wide)
+        rows[...] = wide
+    return Image.fromarray(out, "L").convert("RGB")
+
+
+def decode_bytes(size: tuple[int, int], mode: str, *, transparency: bool = False, rotated: bool = False) -> int:
+    """Peak memory of decoding an image of ``mode`` and converting it to RGB, in bytes (an estimate from the header).
+
+    The decoded image (Pillow's bytes per pixel for the mode), a rotated copy when EXIF orientation applies,
+    then the conversion: RGB 0 more, greyscale/palette/CMYK 4 (the RGB image), alpha 5 (alpha channel + the
+    white RGB background; 4 more first for modes other than RGBA), 16/32-bit greyscale 6 (8-bit result,
+    its Pillow copy, the RGB image).
+    """
+    w, h = size
+    stored = _STORED_BYTES.get(mode, 4)
+    per_pixel = stored * (2 if rotated else 1)
+    if mode == "RGB":
+        pass
+    elif mode in _ALPHA_MODES or (mode == "P" and transparency):
+        per_pixel += 5 + (0 if mode == "RGBA" else 4)
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        per_pixel += 6
+    else:
+        per_pixel += 4
+    return w * h * per_pixel
 
 
 def decode_image(
     src: ImageInput,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
     draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode anything image-like into an upright 8-bit RGB Pillow image.
 
     Args:
         src: a path, encoded bytes, a PIL image, or an ``HxWx3`` array (``uint8``, or float in [0, 1]).
-        max_pixels: refuse images larger than this *before* decoding them (``None``: no limit).
+        max_pixels: refuse images larger than this *before* decoding them (``None``: no limit of ours;
+            Pillow's own bomb check still applies).
+        max_decode_bytes: refuse images whose decoding and RGB conversion would take more memory than
+            this (:func:`decode_bytes`, from the header, after the JPEG draft scale), before decoding them.
         draft: for JPEG, let libjpeg decode at a reduced scale as long as the result is at least this
             ``(width, height)``; ``None`` decodes at full size.
 
@@ -93,12 +163,14 @@ def decode_image(
 
     Raises:
         InvalidInputError: for anything that is not a decodable image, with what was received.
-        ImageTooLargeError: when the image has more than ``max_pixels`` pixels.
+        ImageTooLargeError: when the image has more than ``max_pixels`` pixels or needs more than
+            ``max_decode_bytes`` to decode.
     """
     if isinstance(src, np.ndarray):
         return Image.fromarray(array_to_uint8(src), "RGB")
     if isinstance(src, Image.Image):
         _check_size(src.size, max_pixels, "PIL image")
+        _check_memory(src, max_decode_bytes, "PIL image")
         try:  # a lazily opened PIL image decodes here
             src.load()
             return to_rgb(_upright(src))
@@ -107,7 +179,7 @@ def decode_image(
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise InvalidInputError("received 0 bytes; expected an encoded image (JPEG, PNG, WebP, ...)")
-        fp: Any = io.BytesIO(bytes(src))
+        fp: Any = io.BytesIO(src) if isinstance(src, bytes) else _BufferFile(src)  # neither copies the bytes
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
@@ -127,15 +199,47 @@ def decode_image(
             if draft is not None and im.format == "JPEG":
                 side = max(draft)
                 im.draft("RGB", (side, side))  # keeps both sides >= side (orientation-proof)
+            _check_memory(im, max_decode_bytes, what)
             im.load()
             out = to_rgb(_upright(im))
-            if out is im:  # detach from the file handle
-                out = im.copy()
+            if out is im:  # detach from the file handle, sharing the pixels (no copy)
+                out = im._new(im.im)
             return out
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{what} is not an image Pillow can decode (JPEG, PNG, WebP, GIF, BMP, TIFF ...)") from exc
+    except Image.DecompressionBombError as exc:  # over Pillow's own hard limit: refused at open, like ours
+        raise ImageTooLargeError(_bomb_message(exc, fp, what, max_pixels)) from None
     except _DECODE_ERRORS as exc:
         raise InvalidInputError(f"{what} is a damaged or truncated image: {exc}") from exc
+
+
+class _BufferFile(io.RawIOBase):
+    """A read-only, seekable file over a ``bytearray``/``memoryview`` without copying it (``BytesIO`` would)."""
+
+    def __init__(self, buf: bytearray | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(buf).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
@@ -147,6 +251,61 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
             f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} pixels "
             "(refused before decoding; raise max_pixels if this is a genuine photo)"
         )
+
+
+def _check_memory(im: Image.Image, max_decode_bytes: int | None, what: str) -> None:
+    """Refuse (before ``load()``) an image whose decoding would need more than ``max_decode_bytes``."""
+    if max_decode_bytes is None:
+        return
+    try:
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8, 2, 3, 4)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored by _upright too
+        rotated = False
+    need = decode_bytes(im.size, im.mode, transparency="transparency" in im.info, rotated=rotated)
+    if need > max_decode_bytes:
+        w, h = im.size
+        raise ImageTooLargeError(
+            f"{what} is {im.mode} {w}x{h}: decoding it would take about {need / 1e6:,.0f} MB "
+            f"({need // (w * h)} bytes per pixel), over the limit of {max_decode_bytes / 1e6:,.0f} MB "
+            "(refused before decoding; raise max_decode_bytes if this is a genuine image)"
+        )
+
+
+def _bomb_message(exc: Exception, fp: Any, what: str, max_pixels: int | None) -> str:
+    """Our sentence for an image Pillow's own check refused at open (its size, from its header when we can read it)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = int(found.group(1)) if found else 0
+    size = _declared_size(fp)
+    shown = f"{size[0]}x{size[1]} = {pixels:,}" if size and size[0] * size[1] == pixels else f"{pixels:,}"
+    limit = max_pixels if max_pixels is not None else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (f"{what} is {shown} pixels, over the limit of {limit:,} pixels "
+            "(refused before decoding; Pillow's own limit is 2 x Image.MAX_IMAGE_PIXELS)")
+
+
+def _declared_size(fp: Any) -> tuple[int, int] | None:
+    """Width and height from the header of an image Pillow refused as a bomb (for the message only; nothing decoded)."""
+    try:
+        f = open(fp, "rb") if isinstance(fp, (str, os.PathLike)) else fp
+        try:
+            f.seek(0)
+            prefix = f.read(16)
+            for fmt in list(Image.ID):
+                factory, accept = Image.OPEN[fmt]
+                if accept is not None and (not accept(prefix) or isinstance(accept(prefix), str)):
+                    continue
+                f.seek(0)
+                try:
+                    return tuple(factory(f, "").size)  # type: ignore[return-value]
+                except Exception:  # noqa: BLE001, S112 - not this format; try the next
+                    continue
+        finally:
+            if f is not fp:
+                f.close()
+    except OSError:
+        return None
+    return None
 
 
 def _upright(im: Image.Image) -> Image.Image:
@@ -311,11 +470,13 @@ class Preprocessor:
         max_pixels: decompression-bomb guard (see :func:`decode_image`).
         fast_decode: let libjpeg decode large JPEGs at a reduced scale that still covers the
             resize target (big phone photos decode several times faster).
+        max_decode_bytes: decoded-memory guard (see :func:`decode_image`).
     """
 
     spec: Preprocessing
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     fast_decode: bool = True
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -324,10 +485,14 @@ class Preprocessor:
     def decode(self, src: ImageInput) -> Image.Image:
         """Decode one image to upright RGB (reduced-scale JPEG decode when allowed)."""
         draft = (self.spec.resize_width, self.spec.resize_height) if self.fast_decode else None
-        return decode_image(src, max_pixels=self.max_pixels, draft=draft)
+        return decode_image(src, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes, draft=draft)
 
     def transform(self, im: Image.Image) -> np.ndarray:
-        """Geometry only: an RGB image -> pixel array ``(H, W, 3)`` (``(3, H, W)`` for NCHW) in ``spec.dtype``."""
+        """Geometry done on the host: an RGB image -> the model input of one image, ``spec.input_shape`` in ``spec.dtype``.
+
+        With ``spec.resample_in_graph`` that is Pillow's item-size ``uint8`` image (the model resamples);
+        otherwise the batch resample runs here too.
+        """
         s = self.spec
         tw, th = s.resize_width, s.resize_height
         if s.resize_method == "crop":
@@ -337,7 +502,8 @@ class Preprocessor:
         item = im.resize((tw, th), Image.BILINEAR) if im.size != (tw, th) else im
         arr = np.asarray(item, dtype=np.uint8)
         if s.batch_resize:
-            arr = resample(arr, batch_resample_taps(th, tw, s.height, s.width, s.batch_square, s.batch_crop), s.dtype)
+            if not s.resample_in_graph:  # in the graph: the model input is the item-size image
+                arr = resample(arr, self._taps(), s.dtype)
         elif arr.shape[:2] != (s.height, s.width):  # item size is the model size
             arr = np.asarray(item.resize((s.width, s.height), Image.BILINEAR), dtype=np.uint8)
         if arr.dtype != s.dtype:
@@ -354,9 +520,36 @@ class Preprocessor:
         """Decode and transform several images into one batch (``spec.dtype``)."""
         return np.stack([self(s) for s in srcs])
 
+    def _taps(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        s = self.spec
+        return batch_resample_taps(s.resize_height, s.resize_width, s.height, s.width, s.batch_square, s.batch_crop)
+
+    def network_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """Model input batch -> the 0-255 pixels the network sees (``height`` x ``width``, ``layout``).
+
+        With ``spec.resample_in_graph`` this runs on the host the batch resample the ONNX graph does
+        (float32, the same taps); otherwise the batch already is the network's input and is returned as is.
+
+        Raises:
+            InvalidInputError: the batch is not ``(N, *spec.input_shape)``.
+        """
+        s = self.spec
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != s.input_shape:
+            raise InvalidInputError(f"got a batch of shape {tuple(batch.shape)}; expected (N, {', '.join(map(str, s.input_shape))})")
+        if not s.resample_in_graph:
+            return batch
+        nchw = s.layout == "NCHW"
+        taps = self._taps()
+        out = [resample(img.transpose(1, 2, 0) if nchw else img, taps, "float32") for img in batch]
+        y = np.stack(out)
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2)) if nchw else y
+
     def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """Pixel batch (0-255) -> float32 NCHW ``(x/255 - mean)/std`` (what the raw network sees)."""
-        x = batch.astype(np.float32) / 255.0
+        """Model input batch (0-255) -> float32 NCHW ``(x/255 - mean)/std`` at the network size (what the raw network sees).
+
+        The batch resample is applied first when the bundle puts it in the graph (:meth:`network_pixels`).
+        """
+        x = self.network_pixels(batch).astype(np.float32) / 255.0
         if self.spec.layout == "NHWC":
             x = x.transpose(0, 3, 1, 2)
         mean = np.asarray(self.spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)

@@ -1,20 +1,26 @@
-"""HTTP server for a bundle: ``POST /predict``, ``GET /health``, ``GET /metadata`` (FastAPI + uvicorn).
+"""HTTP server for a bundle: ``POST /predict``, ``GET /health`` (+ ``/health/live``, ``/health/ready``),
+``GET /metadata``, ``GET /metrics`` (FastAPI + uvicorn + prometheus-client).
 
-Build the app with :func:`create_app` (``kimchi-edge serve`` does it for you).  FastAPI is imported
-inside :func:`create_app`, so this module imports with the base install; the ``serve`` extra provides
-FastAPI, uvicorn and python-multipart.
+Build the app with :func:`create_app` (``kimchi-edge serve`` does it for you).  FastAPI and
+prometheus-client are imported inside :func:`create_app`, so this module imports with the base install;
+the ``serve`` extra provides them.
 
 What the server promises:
 
 * ``POST /predict`` takes the image as the raw body (``Content-Type: image/*`` or
   ``application/octet-stream``) or as a ``multipart/form-data`` file field, and answers JSON: labels,
   probabilities, backend, artifact and per-stage latency.
-* Limits: bodies over ``max_body_bytes`` get 413 (checked on ``Content-Length`` before reading, and
-  while streaming for chunked uploads); a body still arriving after ``body_timeout_s`` 408; other media
-  types 415; images that cannot be decoded (or that exceed the pixel limit) 422 with the reason;
-  classification over ``timeout_s`` 504; more than ``max_pending`` requests in flight 503.
+* Admission before the body (:class:`Admission`, a pure ASGI middleware): the API key when one is set
+  (401); a declared body over ``max_body_bytes`` 413; more than ``max_pending`` requests in flight, or
+  more than ``max_inflight_body_bytes`` of bodies in flight, 503 with ``Retry-After`` at once, nothing read.
+* Then, while the body streams in: cut at ``max_body_bytes`` (413), ``body_timeout_s`` (408); other media
+  types 415; the body is held once (a multipart body is parsed as it arrives, only its file part kept).
+  Images that cannot be decoded, or exceed the pixel or decoded-memory limit, 422 with the reason;
+  classification over ``timeout_s`` 504.
 * Every error is JSON ``{"error": kind, "message": text}``; a stack trace never leaves the server (it
   goes to the server log).
+* ``/health/ready`` is 200 only once a warm-up inference has passed, while the last inference did not
+  fail in the backend, and not while draining on shutdown; ``/health/live`` is 200 while the process serves.
 * Inference runs in a small thread pool, off the event loop.  Optional micro-batching gathers the
   requests that arrive while an inference is running into one batch (``batching``).  Measured on a
   2-core CPU it cost ~40 % throughput with a trivial model and gained 0-60 % (within noise) with a
@@ -24,11 +30,13 @@ What the server promises:
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime, and
 # Request/Query are imported inside create_app (lazily), where string annotations could not be resolved.
 import asyncio
+import hmac
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,23 +59,33 @@ class ServerConfig:
         timeout_s: seconds allowed for classifying an image once received (504 above).
         body_timeout_s: seconds allowed for receiving the request body (408 above; phones upload slowly).
         workers: threads running decode/preprocess/inference.
-        max_pending: requests in flight before new ones get 503.
+        max_pending: ``/predict`` requests in flight (from their headers on: receiving, queued, classifying)
+            before new ones get 503 at once, before their body is read.
+        max_inflight_body_bytes: body bytes the requests in flight may hold together (declared
+            ``Content-Length``; ``max_body_bytes`` for a chunked body); 503 at once above.
         batching: gather concurrent requests into one inference call.
         max_batch: largest micro-batch.
         batch_wait_ms: how long the batcher waits for more requests once one has arrived (0: take what
             is already queued, never wait).
         default_top_k: ``top_k`` when the request does not say.
+        api_key: when set, ``/predict`` needs it (``Authorization: Bearer KEY`` or ``X-API-Key``), 401 otherwise.
+        cors_origins: browser origins allowed to call the server from another origin (CORS); none by default.
+        retry_after_s: the ``Retry-After`` of a 503.
     """
 
     max_body_bytes: int = 20 * 1024 * 1024
     timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     workers: int = 2
-    max_pending: int = 64
+    max_pending: int = 32
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
     batching: bool = False
     max_batch: int = 16
     batch_wait_ms: float = 0.0
     default_top_k: int = 3
+    api_key: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    retry_after_s: int = 1
 
 
 class ApiError(KimchiEdgeError):
@@ -173,44 +191,290 @@ def check_media_type(media: str) -> None:
         )
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """Read the request body, refusing (413) more than ``limit`` bytes without buffering them."""
+async def read_body(request: Any, limit: int, media: str = "") -> bytearray:
+    """Read the request body (for multipart: only its first file part), refusing (413) more than ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read; a chunked body is cut
+    as soon as it passes the limit.  The bytes are kept once, in one ``bytearray`` (a multipart body is
+    parsed as it streams in: only the file part's bytes are kept).
+
+    Raises:
+        ApiError: 413 over the limit, 400 for a bad ``Content-Length`` or a malformed multipart body, 422 for a
+            multipart body without a file part.
+    """
     declared = request.headers.get("content-length")
-    too_big = ApiError(413, "payload_too_large", f"request body is over the limit of {limit} bytes; send a smaller image")
+    expected = None
     if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ApiError(413, "payload_too_large", f"request body is {int(declared)} bytes, over the limit of {limit} bytes; send a smaller image")
-        except ValueError:
-            raise ApiError(400, "bad_request", f"Content-Length {declared!r} is not a number") from None
-    chunks, size = [], 0
+        expected = declared_length(declared)
+        if expected > limit:
+            raise too_large(limit, expected)
+    parser = _FilePart(request.headers.get("content-type", "")) if media == MULTIPART else None
+    # A declared length is allocated once (growing a buffer reallocates and fragments the heap under load).
+    data = bytearray(expected) if parser is None and expected is not None else bytearray()
+    size = 0
     async for chunk in request.stream():
+        if size + len(chunk) > limit:
+            raise too_large(limit)
+        if parser is not None:
+            parser.feed(chunk)
+        elif expected is not None and size + len(chunk) <= expected:
+            data[size : size + len(chunk)] = chunk
+        else:
+            data[size:] = chunk
         size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+    if parser is not None:
+        return parser.finish()
+    del data[size:]
+    return data
 
 
-async def file_from_multipart(headers: Any, body: bytes) -> bytes:
-    """The first file part of a ``multipart/form-data`` body (422 when there is none)."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def stream():
-        yield body
-
+def declared_length(value: str) -> int:
+    """``Content-Length`` as a number (400 when it is not one)."""
     try:
-        form = await MultiPartParser(headers, stream(), max_files=4, max_fields=16).parse()
-    except MultiPartException as exc:
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc.message}") from None
-    try:
-        for _, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                return await value.read()
-    finally:
-        await form.close()
-    raise ApiError(422, "invalid_image", "multipart body has no file part; send the image as a file field (curl -F file=@photo.jpg)")
+        size = int(value)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise ApiError(400, "bad_request", f"Content-Length {value!r} is not a number", {"Connection": "close"})
+    return size
+
+
+def too_large(limit: int, size: int | None = None) -> ApiError:
+    """413 for a body over ``limit`` (``size``: its declared length when known); the connection is closed."""
+    what = f"request body is {size} bytes, over" if size is not None else "request body is over"
+    return ApiError(413, "payload_too_large", f"{what} the limit of {limit} bytes; send a smaller image", {"Connection": "close"})
+
+
+class _FilePart:
+    """Streams a ``multipart/form-data`` body through python-multipart, keeping only the first file part's bytes."""
+
+    MAX_PARTS = 20
+
+    def __init__(self, content_type: str) -> None:
+        try:
+            from python_multipart.multipart import MultipartParser, parse_options_header
+        except ImportError:  # python-multipart < 0.0.13 is imported as `multipart`
+            from multipart.multipart import MultipartParser, parse_options_header
+
+        _, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "bad_request", "malformed multipart body: the Content-Type has no boundary", {"Connection": "close"})
+        self.data: bytearray | None = None  # the file part, once found
+        self.done = False  # the file part has ended
+        self.parts = 0
+        self._field, self._value, self._headers = bytearray(), bytearray(), {}
+        self._current_is_file = False
+        callbacks = {
+            "on_part_begin": self._begin, "on_part_data": self._part_data, "on_part_end": self._part_end,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
+
+    def _begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.MAX_PARTS:
+            raise ApiError(400, "bad_request", f"malformed multipart body: more than {self.MAX_PARTS} parts", {"Connection": "close"})
+        self._headers, self._current_is_file = {}, False
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        self._field, self._value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition", b"")
+        if self.data is None and b"filename" in disposition:
+            self.data, self._current_is_file = bytearray(), True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_is_file and not self.done:
+            self.data += memoryview(data)[start:end]
+
+    def _part_end(self) -> None:
+        if self._current_is_file:
+            self.done = True
+        self._current_is_file = False
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - python-multipart's MultipartParseError and friends
+            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}", {"Connection": "close"}) from None
+
+    def finish(self) -> bytearray:
+        try:
+            self._parser.finalize()
+        except Exception as exc:  # noqa: BLE001 - same family as in feed
+            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+        if self.data is None:
+            raise ApiError(422, "invalid_image", "multipart body has no file part; send the image as a file field (curl -F file=@photo.jpg)")
+        return self.data
+
+
+# --------------------------------------------------------------------------- admission, metrics
+
+
+#: Endpoints named in the metrics' ``endpoint`` label (anything else is "other": bounded label values).
+_ENDPOINTS = ("/predict", "/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready",
+              "/metadata", "/metrics")
+
+
+class ServerState:
+    """What the server knows about itself: admitted requests, reserved body bytes, readiness, draining."""
+
+    def __init__(self) -> None:
+        self.pending = 0  # /predict requests admitted and not yet answered
+        self.body_bytes = 0  # body bytes reserved by them (declared Content-Length, or max_body_bytes when chunked)
+        self.queued = 0  # received, waiting for an inference worker
+        self.queue_lock = threading.Lock()
+        self.warmup_error: str | None = "warm-up inference has not run yet"
+        self.backend_error: str | None = None  # the last inference failure of the backend (cleared by a success)
+        self.draining = False
+        self.batcher: MicroBatcher | None = None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, or ``None`` when it is."""
+        if self.draining:
+            return "shutting down: finishing the requests in flight"
+        return self.warmup_error or self.backend_error
+
+
+class Metrics:
+    """The Prometheus metrics of one app, in their own registry (``prometheus_client``, imported here)."""
+
+    def __init__(self, state: ServerState, info: dict[str, Any]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kimchi_edge_requests", "HTTP requests answered, by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("kimchi_edge_request_duration_seconds", "Time from request start to the answer, by endpoint",
+                                 ["endpoint"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.stage = Histogram("kimchi_edge_stage_duration_seconds", "Time per stage of /predict (decode, preprocess, infer)",
+                               ["stage"], registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.rejected = Counter("kimchi_edge_rejected_requests", "Requests refused by a limit, by reason", ["reason"], registry=r)
+        Gauge("kimchi_edge_in_flight_requests", "/predict requests admitted and not yet answered",
+              registry=r).set_function(lambda: state.pending)
+        Gauge("kimchi_edge_in_flight_body_bytes", "Body bytes reserved by the admitted requests",
+              registry=r).set_function(lambda: state.body_bytes)
+        Gauge("kimchi_edge_queue_depth", "Requests received and waiting for an inference worker",
+              registry=r).set_function(lambda: state.queued)
+        Gauge("kimchi_edge_ready", "1 when /health/ready answers 200", registry=r).set_function(
+            lambda: 0 if state.not_ready_reason() else 1)
+        model = Gauge("kimchi_edge_model_info", "The model and artifact in use (value 1)",
+                      ["architecture", "backend", "artifact", "precision", "gated"], registry=r)
+        model.labels(str(info.get("architecture")), str(info.get("backend")), str(info.get("artifact")),
+                     str(info.get("precision")), str(bool(info.get("gated"))).lower()).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def api_key_matches(headers: Any, key: str) -> bool:
+    """``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, compared in constant time."""
+    given = headers.get("x-api-key")
+    if given is None:
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    # ASGI header values are bytes, decoded as latin-1 by Starlette: back to the bytes, compared with the key's UTF-8
+    return hmac.compare_digest(given.encode("latin-1", "replace"), key.encode("utf-8"))
+
+
+class Admission:
+    """Pure ASGI middleware: access control and admission of ``POST /predict`` *before* its body is read; metrics.
+
+    ``/predict`` needs the API key when one is set (401), a declared body over ``max_body_bytes`` is refused
+    (413), and the request is admitted only while fewer than ``max_pending`` are in flight and its body fits
+    the ``max_inflight_body_bytes`` budget (the declared ``Content-Length``; ``max_body_bytes`` for a chunked
+    body); otherwise it is answered 503 with ``Retry-After`` at once, and the connection closed.  Every
+    answer is counted in the metrics.
+    """
+
+    def __init__(self, app: Any, cfg: ServerConfig, state: ServerState, metrics: Metrics) -> None:
+        self.app, self.cfg, self.state, self.metrics = app, cfg, state, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if path == "/predict" and scope.get("method") == "POST":
+                await self._predict(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _predict(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.datastructures import Headers
+
+        cfg, state = self.cfg, self.state
+        headers = Headers(scope=scope)
+        if cfg.api_key and not api_key_matches(headers, cfg.api_key):
+            self.metrics.rejected.labels("unauthorized").inc()
+            await _refuse(scope, receive, send, 401, "unauthorized",
+                          "this server needs an API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                          {"WWW-Authenticate": "Bearer"})
+            return
+        declared = headers.get("content-length")
+        try:
+            reserve = declared_length(declared) if declared is not None else cfg.max_body_bytes
+            if declared is not None and reserve > cfg.max_body_bytes:
+                raise too_large(cfg.max_body_bytes, reserve)
+        except ApiError as exc:
+            self.metrics.rejected.labels(exc.kind).inc()
+            await _refuse(scope, receive, send, exc.status, exc.kind, exc.message, exc.headers)
+            return
+        retry = {"Retry-After": str(cfg.retry_after_s)}
+        if state.draining:
+            self.metrics.rejected.labels("draining").inc()
+            await _refuse(scope, receive, send, 503, "unavailable", "the server is shutting down; retry on another instance", retry)
+            return
+        if state.pending >= cfg.max_pending:
+            self.metrics.rejected.labels("busy").inc()
+            await _refuse(scope, receive, send, 503, "busy",
+                          f"{state.pending} requests in flight (limit {cfg.max_pending}); retry shortly", retry)
+            return
+        if state.body_bytes + reserve > cfg.max_inflight_body_bytes:
+            self.metrics.rejected.labels("body_budget").inc()
+            await _refuse(scope, receive, send, 503, "busy",
+                          f"{state.body_bytes + reserve} body bytes would be in flight (limit {cfg.max_inflight_body_bytes}; "
+                          "a body without Content-Length counts as the largest allowed); retry shortly", retry)
+            return
+        state.pending += 1
+        state.body_bytes += reserve
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.pending -= 1
+            state.body_bytes -= reserve
+
+
+async def _refuse(scope: dict, receive: Any, send: Any, status: int, kind: str, message: str,
+                  headers: dict[str, str] | None = None) -> None:
+    """Answer JSON ``{"error", "message"}`` without reading the body, and close the connection."""
+    from starlette.responses import JSONResponse
+
+    await JSONResponse({"error": kind, "message": message}, status_code=status,
+                       headers={**(headers or {}), "Connection": "close"})(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- the app
@@ -224,15 +488,19 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
         config: limits and scheduling (:class:`ServerConfig` defaults when ``None``).
 
     Returns:
-        A ``fastapi.FastAPI`` app; run it with uvicorn (``kimchi-edge serve`` does).
+        A ``fastapi.FastAPI`` app; run it with uvicorn (``kimchi-edge serve`` does).  ``app.state.server``
+        is its :class:`ServerState` (``draining = True`` makes it not ready and refuse new work).
 
     Raises:
-        MissingDependencyError: FastAPI is not installed (``pip install 'kimchi-edge[serve]'``).
+        MissingDependencyError: FastAPI, python-multipart or prometheus-client is not installed
+            (``pip install 'kimchi-edge[serve]'``).
+        UsageError: ``max_inflight_body_bytes`` is smaller than ``max_body_bytes`` (no upload could ever be admitted).
     """
-    from .errors import require
+    from .errors import UsageError, require
 
     require("fastapi", extra="serve", purpose="kimchi-edge serve")
     require("multipart", extra="serve", purpose="kimchi-edge serve (multipart uploads)")
+    require("prometheus_client", extra="serve", purpose="kimchi-edge serve (/metrics)")
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -240,21 +508,27 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     from kimchi_edge import __version__
 
     cfg = config or ServerConfig()
+    if cfg.max_inflight_body_bytes < cfg.max_body_bytes:
+        raise UsageError(f"the in-flight body budget ({cfg.max_inflight_body_bytes} bytes) is smaller than the largest body "
+                         f"({cfg.max_body_bytes} bytes): no upload of that size could ever be admitted")
     n_labels = len(classifier.labels)
     info = classifier.info
     executor = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="kimchi-infer")
-    state: dict[str, Any] = {"pending": 0, "batcher": None}
+    state = ServerState()
+    metrics = Metrics(state, info)
 
     @asynccontextmanager
     async def lifespan(app):
+        await _warm_up(classifier, executor, state)
         if cfg.batching:
-            state["batcher"] = MicroBatcher(classifier, executor, cfg.max_batch, cfg.batch_wait_ms / 1e3)
-            state["batcher"].start()
+            state.batcher = MicroBatcher(classifier, executor, cfg.max_batch, cfg.batch_wait_ms / 1e3)
+            state.batcher.start()
         try:
             yield
         finally:
-            if state["batcher"] is not None:
-                await state["batcher"].stop()
+            state.draining = True
+            if state.batcher is not None:
+                await state.batcher.stop()
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -265,15 +539,37 @@ def create_app(classifier: Any, config: ServerConfig | None = None):
     )
     app.state.classifier = classifier
     app.state.config = cfg
-    app.state.stats = state
+    app.state.server = state
+    app.state.metrics = metrics
 
-    _add_error_handlers(app)
-    _add_predict_route(app, classifier, cfg, executor, state)
-    _add_info_routes(app, classifier, cfg, state)
+    _add_error_handlers(app, metrics)
+    _add_predict_route(app, classifier, cfg, executor, state, metrics)
+    _add_info_routes(app, classifier, cfg, state, metrics)
+    app.add_middleware(Admission, cfg=cfg, state=state, metrics=metrics)
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], expose_headers=["Retry-After"])
     return app
 
 
-def _add_error_handlers(app: Any) -> None:
+async def _warm_up(classifier: Any, executor: ThreadPoolExecutor, state: ServerState) -> None:
+    """One tiny inference (a blank image of the model's input shape) before the server says it is ready."""
+    x = np.zeros((1, *classifier.preprocessor.input_shape), dtype=classifier.manifest.preprocessing.dtype)
+    try:
+        probs = await asyncio.get_running_loop().run_in_executor(executor, classifier.infer_array, x)
+        if probs.shape != (1, len(classifier.labels)) or not np.isfinite(probs).all():
+            raise KimchiEdgeError(f"it gave {probs.shape} {'non-finite ' if not np.isfinite(probs).all() else ''}values; "
+                                  f"expected (1, {len(classifier.labels)}) probabilities")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"; the server stays up to say why
+        state.warmup_error = f"warm-up inference failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.error("%s; /health/ready answers 503", state.warmup_error)
+    else:
+        state.warmup_error = None
+
+
+def _add_error_handlers(app: Any, metrics: Metrics) -> None:
     """Every error is ``{"error": kind, "message": one line}`` with its status code; nothing leaks a traceback."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -285,6 +581,8 @@ def _add_error_handlers(app: Any) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        if exc.kind in ("payload_too_large", "request_timeout", "timeout", "busy"):
+            metrics.rejected.labels(exc.kind).inc()
         return error(exc.status, exc.kind, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -321,10 +619,13 @@ def _openapi_predict_docs() -> tuple[dict[str, Any], dict[int, Any]]:
     error_responses = {
         code: {"description": text, "content": {"application/json": {"example": {"error": kind, "message": "..."}}}}
         for code, kind, text in [
+            (401, "unauthorized", "the server has an API key and the request did not send it"),
+            (408, "request_timeout", "the body did not arrive within the body timeout"),
             (413, "payload_too_large", "body over the size limit"),
             (415, "unsupported_media_type", "not an image media type"),
-            (422, "invalid_image", "the image cannot be decoded, is too large in pixels, or a parameter is invalid"),
-            (503, "busy", "too many requests in flight"),
+            (422, "invalid_image", "the image cannot be decoded, is too large in pixels or decoded memory, or a parameter is invalid"),
+            (500, "inference_failed", "the backend failed (the server log has the details; /health/ready turns 503)"),
+            (503, "busy", "too many requests or body bytes in flight, or shutting down (Retry-After)"),
             (504, "timeout", "the request took longer than the server's time limit"),
         ]
     }
@@ -351,8 +652,9 @@ def _response_models() -> tuple[Any, Any]:
     return LabelProbability, PredictResponse
 
 
-def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: ThreadPoolExecutor, state: dict[str, Any]) -> None:
-    """``POST /predict``: limits (media type, size, body time, in-flight count), then classify in the executor."""
+def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: ThreadPoolExecutor, state: ServerState,
+                       metrics: Metrics) -> None:
+    """``POST /predict``: media type, body (size, time), then classify in the executor (admission is :class:`Admission`'s)."""
     from fastapi import Query, Request
 
     info = classifier.info
@@ -360,16 +662,37 @@ def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: T
     _, PredictResponse = _response_models()
     predict_body, error_responses = _openapi_predict_docs()
 
-    async def classify(data: bytes, top_k: int, started: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        batcher: MicroBatcher | None = state["batcher"]
-        if batcher is None:
-            pred = await loop.run_in_executor(executor, classifier.predict, data, top_k)
-            timings, batch_size = dict(pred.timings_ms), 1
-        else:
-            x, timings = await loop.run_in_executor(executor, classifier.prepare, data)
-            probs, batch_size, timings["infer"] = await batcher.infer(x)
-            pred = classifier.prediction(probs, top_k)
+    def in_worker(fn: Any, *args: Any) -> Any:
+        with state.queue_lock:
+            state.queued -= 1
+        return fn(*args)
+
+    async def run(fn: Any, *args: Any) -> Any:
+        with state.queue_lock:
+            state.queued += 1
+        return await asyncio.get_running_loop().run_in_executor(executor, in_worker, fn, *args)
+
+    async def classify(data: bytearray, top_k: int, started: float) -> dict[str, Any]:
+        batcher = state.batcher
+        try:
+            if batcher is None:
+                pred = await run(classifier.predict, data, top_k)
+                timings, batch_size = dict(pred.timings_ms), 1
+            else:
+                x, timings = await run(classifier.prepare, data)
+                probs, batch_size, timings["infer"] = await batcher.infer(x)
+                pred = classifier.prediction(probs, top_k)
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # the backend failed: not ready until an inference succeeds again
+            state.backend_error = f"the last inference failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.error("inference failed on /predict", exc_info=exc)
+            raise ApiError(500, "inference_failed", f"the backend could not classify the image ({type(exc).__name__}); "
+                                                    "the details are in the server log; /health/ready says not ready") from None
+        state.backend_error = None
+        for stage in ("decode", "preprocess", "infer"):
+            if stage in timings:
+                metrics.stage.labels(stage).observe(timings[stage] / 1e3)
         timings["server_total"] = (time.perf_counter() - started) * 1e3
         return {
             "label": pred.label,
@@ -388,15 +711,12 @@ def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: T
         media = media_type(request.headers.get("content-type"))
         check_media_type(media)
         try:
-            body = await asyncio.wait_for(read_body(request, cfg.max_body_bytes), cfg.body_timeout_s)
+            data = await asyncio.wait_for(read_body(request, cfg.max_body_bytes, media), cfg.body_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, "request_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g} s") from None
-        data = await file_from_multipart(request.headers, body) if media == MULTIPART else body
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g} s",
+                           {"Connection": "close"}) from None
         if not data:
             raise ApiError(422, "invalid_image", "the request has no image (0 bytes); expected an encoded image (JPEG, PNG, WebP ...)")
-        if state["pending"] >= cfg.max_pending:
-            raise ApiError(503, "busy", f"{state['pending']} requests in flight (limit {cfg.max_pending}); retry shortly", {"Retry-After": "1"})
-        state["pending"] += 1
         try:
             return await asyncio.wait_for(classify(data, top_k, started), cfg.timeout_s)
         except asyncio.TimeoutError:
@@ -405,31 +725,64 @@ def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: T
             raise ApiError(422, "image_too_large", str(exc)) from None
         except InvalidInputError as exc:
             raise ApiError(422, "invalid_image", str(exc)) from None
-        finally:
-            state["pending"] -= 1
 
 
-def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: dict[str, Any]) -> None:
-    """``GET /health`` and ``GET /metadata``."""
+def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: ServerState, metrics: Metrics) -> None:
+    """``GET /health`` (summary), ``/health/live``, ``/health/ready`` (and Triton's ``/v2/health/*``), ``/metadata``, ``/metrics``."""
+    from fastapi.responses import JSONResponse, Response
+
     from kimchi_edge import __version__
 
     info = classifier.info
 
-    @app.get("/health", summary="Liveness: the model is loaded")
+    def ready_answer() -> JSONResponse:
+        reason = state.not_ready_reason()
+        if reason:
+            return JSONResponse({"status": "not_ready", "ready": False, "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready", "ready": True})
+
+    @app.get("/health", summary="Summary: live, ready, model in use, requests in flight (always 200 while the process serves)")
     async def health():
-        out = {"status": "ok", "backend": info["backend"], "artifact": info["artifact"], "gated": info["gated"],
-               "pending": state["pending"]}
+        reason = state.not_ready_reason()
+        out = {"status": "ok" if reason is None else "not_ready", "live": True, "ready": reason is None,
+               "backend": info["backend"], "artifact": info["artifact"], "gated": info["gated"],
+               "pending": state.pending, "queued": state.queued}
+        if reason:
+            out["reason"] = reason
         if not info["gated"]:
             out["warning"] = next(n for n in info["notes"] if n.startswith("UNGATED:"))
         return out
+
+    @app.get("/health/live", summary="Liveness: the process answers (200)")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready", summary="Readiness: the model loaded, the warm-up inference passed, not draining (200, else 503)")
+    async def ready():
+        return ready_answer()
+
+    @app.get("/v2/health/live", include_in_schema=False)
+    async def triton_live():
+        return {"status": "live"}
+
+    @app.get("/v2/health/ready", include_in_schema=False)
+    async def triton_ready():
+        return ready_answer()
+
+    @app.get("/metrics", summary="Prometheus metrics: requests by status, latency per stage, queue depth, rejections, model")
+    async def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/metadata", summary="Labels, input size, backend, limits and the accuracy gate's summary")
     async def metadata():
         from .manifest import to_dict
 
         m = classifier.manifest
-        batcher: MicroBatcher | None = state["batcher"]
+        batcher = state.batcher
         sizes = list(batcher.batch_sizes) if batcher else []
+        limits = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
+        limits["api_key_required"] = bool(cfg.api_key)
         return {
             "labels": list(classifier.labels),
             "input_size": info["input_size"],
@@ -439,7 +792,7 @@ def _add_info_routes(app: Any, classifier: Any, cfg: ServerConfig, state: dict[s
             "gated": info["gated"],
             "gate": to_dict(m.gate) if m.gate else {},
             "gate_in_words": m.gate.in_words() if m.gate else ["the accuracy gate has never run on this bundle"],
-            "limits": {k: v for k, v in asdict(cfg).items()},
+            "limits": limits,
             "batching": {"enabled": cfg.batching, "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else None},
             "kimchi_edge": __version__,
         }

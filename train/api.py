@@ -157,32 +157,44 @@ def planned_epochs(config: TrainConfig) -> int:
     return n + config.one_cycle_epochs
 
 
-def train(config: TrainConfig, *, log: Log | None = None) -> Path:
+def train(config: TrainConfig, *, log: Log | None = None) -> Path | None:
     """Train, pick the best epoch by validation loss, export, and write reports.
 
     The run folder is built under a temporary name and renamed at the end, so an interrupted run never
-    leaves a ``learner.pkl`` that looks complete.
+    leaves a ``learner.pkl`` that looks complete.  Started by torchrun / accelerate launch (``WORLD_SIZE`` > 1,
+    see :mod:`kimchi_edge.train.distributed`), every process calls this: rank 0 alone screens, evaluates,
+    reports, runs lr_find and writes the run folder; all ranks take part in the fit; the others print nothing.
 
     Args:
         config: the run's settings.
-        log: where progress lines go (default: stdout; nothing when ``config.quiet``).  fastai's
-            progress bars go to stdout, on a terminal only.
+        log: where progress lines go (default: stdout; nothing when ``config.quiet``, nor on ranks other than 0).
+            fastai's progress bars go to stdout, on a terminal only.
 
     Returns:
-        The run folder.
+        The run folder (None on ranks other than 0, which write nothing).
 
     Raises:
         DataError: unusable data (exit code 2, nothing written).
         UsageError: bad options (exit code 2, nothing written).
     """
+    from .distributed import (
+        alone,
+        fastai_distributed,
+        init_process_group,
+        leave,
+        share_from_rank0,
+        world,
+    )
+
     t_start = time.time()
-    say: Log = (lambda msg: None) if config.quiet else (log or (lambda msg: print(msg, flush=True)))
+    w = world()
+    say: Log = (lambda msg: None) if config.quiet or not w.is_rank0 else (log or (lambda msg: print(msg, flush=True)))
     out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
-    if planned_epochs(config) == 0:
-        raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
-    scan = _load_data(config, say)  # everything that can be checked without fastai happens first
+    backend = init_process_group(w, _wants_cuda(config)) if w.distributed else None
+    if backend:
+        say(f"distributed: world size {w.size} ({w.local_size} on this machine, {backend}); "
+            "rank 0 screens, evaluates and writes the run folder")
+    scan = share_from_rank0(w, lambda: _checked_data(config, out, say))  # everything checkable without fastai first
 
     from .third_party import importing_fastai
 
@@ -192,38 +204,64 @@ def train(config: TrainConfig, *, log: Log | None = None) -> Path:
     from . import reports as rep
 
     rep.setup_matplotlib()
-    device = _setup_device(config)
+    device = _setup_device(config, w, backend)
     set_seed(config.seed)  # split, head init and batch order: the same run gives the same learner
 
-    with atomic_directory(out, overwrite=config.overwrite) as run:
+    folder = atomic_directory(out, overwrite=config.overwrite) if w.is_rank0 else contextlib.nullcontext()
+    with folder as partial:
+        run = share_from_rank0(w, lambda: partial)  # the other ranks read the best epoch's weights from it
         reports = run / "reports"
-        reports.mkdir()
-        learn, weights_source = _build_learner(config, scan, device, run, say)
-        spec, diff = _check_preprocessing(learn)
-        lr, lr_info = _choose_lr(learn, config, reports, say)
-        fit = _fit(learn, config, lr, say)
-        t_eval = time.perf_counter()
-        valid_metrics = _evaluate(learn, device)
-        test_metrics = _evaluate(learn, device, files=[f for f, _ in scan.test]) if scan.test else None
-        rep.interpretation(learn, reports, top_losses=config.top_losses)
-        rep.write_history(reports, fit.history)
-        rep.plot_history(reports, fit.history, fit.best_epoch)
-        say(f"evaluated the exported epoch {fit.best_epoch} on {len(learn.dls.valid_ds)} validation"
-            + (f" and {len(scan.test)} test" if scan.test else "") + f" images in {time.perf_counter() - t_eval:.0f} s")
-        _export(learn, run)
-
-        meta = ModelMeta(labels=tuple(str(v) for v in learn.dls.vocab), architecture=config.arch, preprocessing=spec,
-                         pretrained=weights_source, framework=_versions())
-        atomic_write_json(run / MODEL_META_NAME, to_dict(meta))
-        split = write_split(run / SPLIT_NAME, scan, learn, config)
-        result = _Result(config, split, meta, fit, lr, lr_info, valid_metrics, test_metrics, device.description, diff,
-                         wall_s=time.time() - t_start)
-        atomic_write_json(reports / "metrics.json", result.metrics())
-        rep.write_summary(run / "summary.md", result.summary_info(out))
+        if w.is_rank0:
+            reports.mkdir()
+        learn, weights_source = _build_learner(config, scan, device, run, say, w)
+        spec, diff = share_from_rank0(w, lambda: _check_preprocessing(learn))
+        lr, lr_info = share_from_rank0(w, lambda: _choose_lr(learn, config, reports, say))
+        with fastai_distributed(learn, w, device.cuda):
+            fit = _fit(learn, config, lr, say)
+        leave(w)  # every rank has loaded the best weights: rank 0 may now remove the checkpoint
+        if not w.is_rank0:
+            return None
+        with alone():
+            _write_results(learn, config, scan, device, run, out, reports, weights_source, spec, diff, lr, lr_info, fit,
+                           t_start, say)
     return out
 
 
+def _write_results(learn, config: TrainConfig, scan, device: _Device, run: Path, out: Path, reports: Path,
+                   weights_source, spec, diff: float, lr: float, lr_info: dict, fit: _Fit, t_start: float, say: Log) -> None:
+    """Evaluation on validation and test, reports, the exported learner, model_meta.json, split.json, summary."""
+    from . import reports as rep
+
+    t_eval = time.perf_counter()
+    valid_metrics = _evaluate(learn, device)
+    test_metrics = _evaluate(learn, device, files=[f for f, _ in scan.test]) if scan.test else None
+    rep.interpretation(learn, reports, top_losses=config.top_losses)
+    rep.write_history(reports, fit.history)
+    rep.plot_history(reports, fit.history, fit.best_epoch)
+    say(f"evaluated the exported epoch {fit.best_epoch} on {len(learn.dls.valid_ds)} validation"
+        + (f" and {len(scan.test)} test" if scan.test else "") + f" images in {time.perf_counter() - t_eval:.0f} s")
+    _export(learn, run)
+
+    meta = ModelMeta(labels=tuple(str(v) for v in learn.dls.vocab), architecture=config.arch, preprocessing=spec,
+                     pretrained=weights_source, framework=_versions())
+    atomic_write_json(run / MODEL_META_NAME, to_dict(meta))
+    split = write_split(run / SPLIT_NAME, scan, learn, config)
+    result = _Result(config, split, meta, fit, lr, lr_info, valid_metrics, test_metrics, device.description, diff,
+                     wall_s=time.time() - t_start)
+    atomic_write_json(reports / "metrics.json", result.metrics())
+    rep.write_summary(run / "summary.md", result.summary_info(out))
+
+
 # --------------------------------------------------------------------------- steps
+
+
+def _checked_data(config: TrainConfig, out: Path, say: Log):
+    """The checks that need no fastai, then the screened data (rank 0 alone in a distributed run)."""
+    if out.exists() and not config.overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+    if planned_epochs(config) == 0:
+        raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
+    return _load_data(config, say)
 
 
 def _load_data(config: TrainConfig, say: Log):
@@ -247,22 +285,42 @@ def _load_data(config: TrainConfig, say: Log):
     return scan
 
 
-def _setup_device(config: TrainConfig) -> _Device:
+def _wants_cuda(config: TrainConfig) -> bool:
     import torch
 
-    from .cpu import cpu_count, setup_cpu_training
-
-    use_cuda = torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch sees no CUDA GPU")
+    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
+
+
+def _setup_device(config: TrainConfig, w=None, backend: str | None = None) -> _Device:
+    """This process's device; in a distributed run its local rank's GPU, or its share of the CPU cores.
+
+    CPU threads in a distributed run: ``--threads``, else ``OMP_NUM_THREADS`` (which torchrun, accelerate
+    launch and ``--gpus`` set for each process), else the free cores divided by the processes on this machine.
+    """
+    import os
+
+    import torch
+
+    from .cpu import cpu_count, default_threads, setup_cpu_training
+
+    use_cuda = _wants_cuda(config)
     if config.threads is not None and config.threads < 1:
         raise UsageError(f"--threads {config.threads}: expected at least 1")
+    procs = f", {w.size} processes ({backend})" if backend else ""
     if use_cuda:
-        return _Device(torch.device("cuda"), True, torch.get_num_threads(), f"cuda ({torch.cuda.get_device_name()})")
+        index = w.local_rank if backend else torch.cuda.current_device()
+        return _Device(torch.device("cuda", index), True, torch.get_num_threads(),
+                       f"cuda ({torch.cuda.get_device_name(index)}){procs}")
     load = _load_average()
-    n = setup_cpu_training(config.threads)
+    threads = config.threads
+    if backend and threads is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, default_threads() // w.local_size)
+    n = setup_cpu_training(threads)
     return _Device(torch.device("cpu"), False, n, f"cpu ({n} thread{'s' * (n > 1)} on {cpu_count()} cores" +
-                   (f", load average {load:.1f} before training)" if load is not None else ")"))
+                   (f", load average {load:.1f} before training" if load is not None else "") + f"){procs}")
 
 
 def _metrics() -> list:
@@ -275,7 +333,7 @@ def _metrics() -> list:
             skm_to_fastai(skm.precision_score, average="macro", zero_division=0, name="precision_macro")]
 
 
-def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: Log):
+def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: Log, w=None):
     from .archs import learner_for_arch
     from .data import make_dataloaders
 
@@ -294,13 +352,18 @@ def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: L
     from fastcore.basics import noop
 
     learn.logger = noop  # fastai's table numbers each fit's epochs from 0; History prints one line per epoch instead
-    if config.quiet or not sys.stdout.isatty():
+    if config.quiet or not sys.stdout.isatty() or (w is not None and not w.is_rank0):
         from fastai.callback.progress import ProgressCallback
 
         learn.remove_cb(ProgressCallback)
     say(f"model: {config.arch} ({weights_source or 'random init'}), {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images "
-        f"at {config.size} px, batch {config.bs}, on {device.description}")
+        f"at {config.size} px, batch {_batch_text(config.bs, w)}, on {device.description}")
     return learn, weights_source
+
+
+def _batch_text(bs: int, w) -> str:
+    """``64``, or ``16 per process (32 in all)`` in a distributed run: ``--bs`` is per process, as in fastai."""
+    return f"{bs} per process ({bs * w.size} in all)" if w is not None and w.distributed else str(bs)
 
 
 def _check_preprocessing(learn):
@@ -316,7 +379,12 @@ def _check_preprocessing(learn):
 
 
 def _choose_lr(learn, config: TrainConfig, reports: Path, say: Log) -> tuple[float, dict[str, float]]:
-    """The given ``--lr``, else lr_find's valley suggestion (plotted to ``reports/lr_find.png``)."""
+    """The given ``--lr``, else lr_find's valley suggestion (plotted to ``reports/lr_find.png``).
+
+    In a distributed run rank 0 runs it alone, at one process's batch (fastai's lr_find is not DDP-safe: each
+    rank saves and reloads the model in its own temporary folder, and rank 0 then waits at a barrier in
+    ``Learner.load`` that the others never reach).
+    """
     from fastai.vision.all import minimum, steep, valley
 
     from . import reports as rep

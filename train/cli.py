@@ -4,6 +4,10 @@ DATA is either DATA/<class>/<images> (random split) or DATA/train/<class>/... + 
 (split as given), optionally with DATA/test/<class>/... (or --test-pct) for a held-out test split.
 The run folder holds the exported learner (best epoch by validation loss), split.json,
 model_meta.json and reports/ (plots and tables). Next step: kimchi-edge convert RUN_DIR.
+
+--gpus N trains in N processes through torchrun (one per GPU; with --device cpu, N CPU processes):
+rank 0 screens, reports and writes the run folder. Several machines: start torchrun yourself
+(docs/TRAINING.md, "Several GPUs or machines").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from kimchi_edge.runtime.cliutil import add_output_args
+    from kimchi_edge.runtime.cliutil import add_output_args, positive_int
     from kimchi_edge.train.archs_names import ARCHS
 
     p.add_argument("data", type=Path, help="dataset folder (folder per class, or train/ + valid/)")
@@ -38,7 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="hold out this share of the images (per class) as a test split that chooses nothing (default 0; "
                         "a DATA/test/ folder does the same)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--bs", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--bs", type=int, default=64,
+                   help="batch size per process (default 64); with --gpus N the global batch is N x BS")
     p.add_argument("--epochs", type=int, default=4, help="fine_tune epochs after the frozen ones (default 4)")
     p.add_argument("--freeze-epochs", type=int, default=1,
                    help="frozen-body epochs of fine_tune (default 1; 0: all layers train from the start, one fit_one_cycle)")
@@ -57,6 +62,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for training (default: the cores the load average leaves free, at least 1)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: decode in the main process)")
+    p.add_argument("--gpus", type=positive_int, default=1, metavar="N",
+                   help="train in N processes through torchrun, one per GPU (NCCL); with --device cpu, N CPU processes "
+                        "(gloo) sharing the cores. --bs is per process. Under torchrun / accelerate launch leave it out "
+                        "(the launcher's WORLD_SIZE decides). Default 1: this process")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only once the new one is complete)")
     add_output_args(p, json_help="the run folder and its validation and test metrics")
 
@@ -97,16 +106,77 @@ def progress_to_stderr(args: argparse.Namespace):
         yield
 
 
+#: options that stay with the launcher and are not passed on to the processes torchrun starts
+LAUNCHER_ONLY = ("gpus",)
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The ``kimchi-edge train`` arguments that reproduce ``args`` (options left at their default are left out).
+
+    What ``--gpus N`` hands to torchrun: the same options, without ``--gpus``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_args(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        if action.dest in LAUNCHER_ONLY:
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:
+            argv.append(str(value))
+            continue
+        if value == action.default:
+            continue
+        option = max(action.option_strings, key=len)  # --quiet, not -q
+        argv += [option] if action.nargs == 0 else [option, str(value)]
+    return argv
+
+
+def launch_distributed(args: argparse.Namespace) -> int:
+    """``--gpus N`` (N > 1) outside a launcher: the cheap checks here, then torchrun runs N training processes."""
+    import torch
+    from kimchi_edge.runtime.cliutil import progress_log
+    from kimchi_edge.runtime.errors import UsageError
+    from kimchi_edge.train.api import planned_epochs
+    from kimchi_edge.train.distributed import launch, threads_per_process
+
+    config = config_from_args(args)
+    if Path(config.out).exists() and not config.overwrite:
+        raise UsageError(f"{config.out} already exists; choose another --out or pass --overwrite")
+    if planned_epochs(config) == 0:
+        raise UsageError("no epochs to train: set --epochs (and/or --freeze-epochs, --one-cycle-epochs)")
+    argv = train_argv(args)
+    if args.device != "cpu":
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_gpus < args.gpus:
+            raise UsageError(f"--gpus {args.gpus} but torch sees {n_gpus} CUDA GPU(s); "
+                             f"--device cpu runs {args.gpus} CPU processes (gloo) instead")
+    if args.out is None:  # every process must name the same folder
+        argv += ["--out", str(config.out)]
+    return launch(argv, args.gpus, threads=threads_per_process(args.gpus, args.threads), log=progress_log(args))
+
+
 def run(args: argparse.Namespace) -> int:
     from kimchi_edge.runtime.cliutil import emit, progress_log
-    from kimchi_edge.runtime.errors import require
+    from kimchi_edge.runtime.errors import KimchiEdgeError, require
+    from kimchi_edge.train.distributed import world
     from kimchi_edge.train.third_party import importing_fastai
 
     with importing_fastai():
         require("fastai.vision.all", extra="train", purpose="kimchi-edge train")
     from kimchi_edge.train.api import train
 
-    with progress_to_stderr(args):
-        run_dir = train(config_from_args(args), log=progress_log(args))
+    w = world()
+    if args.gpus > 1 and not w.distributed:
+        return launch_distributed(args)
+    try:
+        with progress_to_stderr(args):
+            run_dir = train(config_from_args(args), log=progress_log(args))
+    except KimchiEdgeError as exc:
+        if w.is_rank0:
+            raise
+        return exc.exit_code  # rank 0 says it once; the other ranks stay silent
+    if run_dir is None:  # a rank other than 0: it wrote nothing and prints nothing
+        return 0
     emit(args, result_doc(run_dir), (run_dir / "summary.md").read_text(encoding="utf-8"))
     return 0

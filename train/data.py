@@ -60,7 +60,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _check_readable(path: Path) -> str | None:
     try:
-        decode_image(path, max_pixels=None, draft=(64, 64))
+        decode_image(path, draft=(64, 64))  # the runtime's pixel and decoded-memory limits
     except InvalidInputError as exc:
         return str(exc)
     return None

@@ -27,7 +27,7 @@ try:  # fastai present: the image type training decodes with (same decoder as th
         @classmethod
         def create(cls, fn: Path | str | Tensor | ndarray | bytes | Image.Image, **kwargs):
             if isinstance(fn, (str, Path, bytes)):
-                return cls(decode_image(fn, max_pixels=None))
+                return cls(decode_image(fn))
             return super().create(fn, **kwargs)
 
 except ImportError:  # runtime-only install: training is unavailable anyway

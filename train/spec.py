@@ -22,8 +22,14 @@ def _hw(size: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def preprocessing_from_dls(dls) -> Preprocessing:
+def preprocessing_from_dls(dls, *, resample_in_graph: bool = False) -> Preprocessing:
     """Describe ``dls.valid``'s transform as a :class:`~kimchi_edge.runtime.manifest.Preprocessing`.
+
+    Args:
+        dls: the learner's ``DataLoaders``.
+        resample_in_graph: when the pipeline has a batch resample, let the exported model do it (its
+            input is then the item-size uint8 image) instead of the host.  Off by default: on a CPU it
+            was not faster (docs/CONVERT.md); it takes the resample off a host whose model runs on a GPU.
 
     Raises:
         DataError: the pipeline contains a transform the bundle cannot express (named).
@@ -74,7 +80,9 @@ def preprocessing_from_dls(dls) -> Preprocessing:
             height=batch["height"], width=batch["width"], resize_height=rh, resize_width=rw,
             resize_method="crop" if resize.method == ResizeMethod.Crop else "squish",
             batch_resize=True, batch_square=batch["square"], batch_crop=batch["crop"], mean=mean, std=std,
-            dtype="float32",  # the batch resample makes fractional pixels: do not round them
+            resample_in_graph=resample_in_graph,
+            # on the host the batch resample makes fractional pixels: do not round them
+            dtype="uint8" if resample_in_graph else "float32",
         )
     return Preprocessing(
         height=rh, width=rw, resize_height=rh, resize_width=rw,
@@ -85,7 +93,8 @@ def preprocessing_from_dls(dls) -> Preprocessing:
 def compare_with_fastai(dls, spec: Preprocessing, files: Sequence[Path]) -> float:
     """Largest |difference| in 0-255 pixel units between fastai's validation pipeline and the runtime.
 
-    Float noise (~1e-3) for a ``float32`` spec; rounding (<= 0.5) for a ``uint8`` one.
+    Float noise (~1e-3) with a batch resample (on the host or, reproduced on the host, in the graph);
+    rounding (<= 0.5) for a Pillow-only ``uint8`` spec.
     """
     dl = dls.test_dl(list(files), bs=len(files), num_workers=0)
     (x,) = dl.one_batch()[:1]
@@ -93,6 +102,7 @@ def compare_with_fastai(dls, spec: Preprocessing, files: Sequence[Path]) -> floa
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
     ref = (x.detach().float().cpu().numpy() * std + mean) * 255.0
-    ours = Preprocessor(spec, max_pixels=None, fast_decode=False).batch(list(files)).astype(np.float32)
+    pre = Preprocessor(spec, fast_decode=False)
+    ours = pre.network_pixels(pre.batch(list(files))).astype(np.float32)
     ours = ours.transpose(0, 3, 1, 2) if spec.layout == "NHWC" else ours
     return float(np.abs(ref - ours).max())

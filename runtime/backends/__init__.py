@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BackendError, BundleError, MissingDependencyError, UsageError
-from ..manifest import Artifact, BundleManifest, verify_artifact
+from ..manifest import TARGET_ORT_CPU, Artifact, BundleManifest, verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,16 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
 
     Order: the user's choice; else the manifest's recommendation; else a passing FP32, then any passing artifact
     (of ``precision`` when given).  A bundle whose FP32 artifact failed is refused: what was quantized from it can't
-    be trusted either.  With ``provider`` (``"openvino"``) "passed" means passed on that provider.
+    be trusted either.  With ``provider`` (``"openvino"``) "passed" means passed on that provider.  Unless named, only
+    files meant for a CPU runtime are candidates (:func:`runs_on_cpu_runtimes`): the INT8 QDQ made for TensorRT
+    (``target == "tensorrt"``) runs on ONNX Runtime only when asked for by name.
 
     Raises:
         BundleError: no ONNX artifact, or none that passed (one line naming gate.md and the way out).
         UsageError: the named artifact is not ONNX, or none in ``precision``.
     """
     onnx = [a for a in manifest.artifacts if a.format == "onnx"]  # the .ort copy runs only when named (it is for apps)
+    named = artifact is not None
     if artifact:
         art = manifest.artifact(artifact)
         if art.format not in ("onnx", "ort"):
@@ -235,6 +238,8 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         return art
     if not onnx:
         raise BundleError(f"bundle has no ONNX artifact (has {[a.name for a in manifest.artifacts]}); re-run kimchi-edge convert")
+    if not named:
+        onnx = [a for a in onnx if runs_on_cpu_runtimes(a)]
     if precision:
         onnx = [a for a in onnx if a.precision == precision]
         if not onnx:
@@ -253,6 +258,17 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         raise _refuse(f"no ONNX artifact of this bundle has passed the accuracy gate{f' on {provider}' if provider else ''}: "
                       + "; ".join(ungated_reason(manifest, a, provider=provider) for a in ordered), bundle)
     return ordered[0]
+
+
+def runs_on_cpu_runtimes(art: Artifact) -> bool:
+    """Whether ``art`` is a file ONNX Runtime / OpenVINO pick by themselves.
+
+    INT8 comes in one file per target: ``onnxruntime-cpu`` (uint8 activations, int8 weights: what ONNX Runtime runs as
+    integer kernels on x86-64 and, by ONNX Runtime's guidance, also fine on ARM64) is picked on every CPU;
+    ``tensorrt`` (symmetric int8 QDQ) is for TensorRT engines.  ``""`` (FP32, or the one INT8 file of a bundle from
+    before targets existed) is picked as before; a target this runtime does not know is never picked by itself.
+    """
+    return art.target in ("", TARGET_ORT_CPU)
 
 
 def gated_providers(manifest: BundleManifest, art: Artifact, forced: list[str] | None, *, allow_ungated: bool,

@@ -77,11 +77,18 @@ class OnnxRuntimeBackend:
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
         self.expected_dtype = np.uint8 if "uint8" in inp.type else np.float32
+        # per-image dims as the file declares them (None where symbolic): the item size when the
+        # batch resample is inside the graph (Preprocessing.resample_in_graph), else the network size
+        self.input_dims = [d if isinstance(d, int) else None for d in inp.shape]
         self.threads = opts.intra_op_num_threads
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if batch.dtype != self.expected_dtype:
             raise InvalidInputError(f"got a batch of dtype {batch.dtype}; this model expects {np.dtype(self.expected_dtype)}")
+        dims = self.input_dims
+        if batch.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, batch.shape)):
+            want = ", ".join("N" if d is None else str(d) for d in dims)
+            raise InvalidInputError(f"got a batch of shape {tuple(batch.shape)}; expected ({want})")
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
         return np.asarray(out, dtype=np.float32)
 

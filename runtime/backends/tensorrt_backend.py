@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BackendError, BundleError, KimchiEdgeError
+from ..errors import BackendError, BundleError, InvalidInputError, KimchiEdgeError
 from ..manifest import Artifact, BundleManifest, artifact_path, verify_artifact
 from ..sysinfo import cuda_device_facts
 
@@ -332,6 +332,8 @@ class TensorRTBackend:
         self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        # per-image dims of the profile (Preprocessing.input_shape: the item size when the resample is in the graph)
+        self.input_dims = tuple(int(d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0)[2][1:])
         self._cuda = cuda
         self.stream = cuda.Stream()
         self._d_in = cuda.DeviceArray(shape=(0,), dtype=self.input_dtype)
@@ -339,6 +341,9 @@ class TensorRTBackend:
 
     def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
         ctx = self.context
+        if ctx is None:
+            raise BackendError(f"the TensorRT backend for {self.artifact.file} is closed; load the bundle again")
+        self._logger.last_error = ""  # an error logged by an earlier call must not be reported as this call's
         if not ctx.set_input_shape(self.input_name, tuple(chunk.shape)):
             raise BackendError(f"TensorRT refused input shape {tuple(chunk.shape)}: {self._logger.last()}")
         out_shape = tuple(ctx.get_tensor_shape(self.output_name))
@@ -358,6 +363,8 @@ class TensorRTBackend:
         """Run a ``uint8`` batch (split into chunks of the profile's largest batch) and return float32 logits."""
         if batch.dtype != self.input_dtype:
             raise BackendError(f"got a batch of dtype {batch.dtype}; engine {self.artifact.file} expects {self.input_dtype}")
+        if batch.ndim != 1 + len(self.input_dims) or tuple(batch.shape[1:]) != self.input_dims:
+            raise InvalidInputError(f"got a batch of shape {tuple(batch.shape)}; expected (N, {', '.join(map(str, self.input_dims))})")
         batch = np.ascontiguousarray(batch)
         with self._lock:  # one execution context: one inference at a time
             try:

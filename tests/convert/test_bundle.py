@@ -25,7 +25,7 @@ def test_every_artifact_passes_the_gate(built, bundle):
     report = built.gate
     assert report is not None and report.passed
     status = {r.name: r.status for r in report.results}
-    assert status["torchscript"] == status["onnx-fp32"] == status["onnx-int8"] == "pass"
+    assert status["torchscript"] == status["onnx-fp32"] == status["onnx-int8"] == status["onnx-int8-qdq-s8"] == "pass"
     for r in report.results:
         if r.status == "pass":
             assert r.metrics["n"] == 90
@@ -46,7 +46,7 @@ def test_every_artifact_passes_the_gate(built, bundle):
 
 def test_bundle_contents_and_no_leftovers(bundle):
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json",
+    assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.int8-qdq-s8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json",
                             "verification", "verification.json", "model.ort", "model.required_operators.config"])
     assert not list(bundle.parent.glob(".bundle.partial-*"))
 
@@ -80,6 +80,15 @@ def test_manifest_round_trips_and_records_versions(bundle):
     int8 = manifest.artifact("onnx-int8")
     assert int8.precision == "int8" and int8.details["calibration_split"] == "train"
     assert int8.details["per_channel"] is True
+    # one INT8 file per target: uint8 activations for ONNX Runtime on CPU, symmetric int8 for TensorRT
+    assert int8.target == "onnxruntime-cpu" and int8.details["activations"] == "uint8 asymmetric"
+    s8 = manifest.artifact("onnx-int8-qdq-s8")
+    assert s8.target == "tensorrt" and s8.details["activations"] == "int8 symmetric"
+    for art in (int8, s8):  # calibration chosen on held-back *training* images, every method scored
+        d = art.details
+        assert d["calibration_mode"] == "auto" and set(d["calibration_candidates"]) == {"minmax", "entropy", "percentile"}
+        assert d["calibration_method"] in d["calibration_candidates"] and d["holdout_images"] >= 16
+        assert d["calibration_images"] + d["holdout_images"] == manifest.source["calibration"]["images"]
     assert manifest.artifact("torchscript").input == "float-nchw-normalized"
     assert manifest.source["reference_sha256"] == sha256_file(bundle / "reference.json")
 
@@ -88,7 +97,7 @@ def test_onnx_files_keep_their_promises(bundle):
     import onnx
 
     manifest = read_manifest(bundle)
-    for name in ("model.onnx", "model.int8.onnx"):
+    for name in ("model.onnx", "model.int8.onnx", "model.int8-qdq-s8.onnx"):
         model = onnx.load(str(bundle / name), load_external_data=False)
         onnx.checker.check_model(model, full_check=True)
         assert {o.domain or "": o.version for o in model.opset_import}[""] >= 17

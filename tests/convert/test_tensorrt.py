@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from kimchi_edge.convert.tensorrt import tensorrt_unavailable_reason
+from kimchi_edge.convert.tensorrt import source_onnx, tensorrt_unavailable_reason
 
 REASON = tensorrt_unavailable_reason()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.slow,
@@ -24,6 +24,6 @@ def test_fp16_and_int8_engines_are_built_and_recorded(bundle, tmp_path):
         art = manifest.artifact(f"trt-{precision}")
         verify_artifact(copy, art)
         assert {"tensorrt", "gpu", "compute_capability"} <= set(art.built_with)
-        assert art.details["onnx_sha256"] == manifest.artifact("onnx-fp32" if precision == "fp16" else "onnx-int8").sha256
+        assert art.details["onnx_sha256"] == source_onnx(manifest, precision).sha256
     assert default_timing_cache(copy).is_file()  # beside the bundle, not inside
     assert not (copy / default_timing_cache(copy).name).exists()

@@ -9,6 +9,7 @@ import pytest
 
 from kimchi_edge.cli import main
 from kimchi_edge.runtime import BundleError, Classifier
+from kimchi_edge.runtime.errors import UsageError
 from kimchi_edge.runtime.fsutil import sha256_file
 from kimchi_edge.runtime.manifest import GateVerdict, read_manifest, write_manifest
 
@@ -58,6 +59,27 @@ def test_never_gated_bundle_runs_only_when_allowed(ungated_color_bundle, capsys)
     assert "--allow-ungated" in capsys.readouterr().err
     with Classifier.from_bundle(ungated_color_bundle, allow_ungated=True) as clf:
         assert clf.info["gated"] is False and "UNGATED" in clf.info["notes"][-1]
+
+
+def test_int8_for_tensorrt_runs_on_onnx_runtime_only_when_named(color_bundle, tmp_path):
+    """Two INT8 files, both passed: ONNX Runtime picks the one made for it, never TensorRT's, unless asked by name."""
+    b = with_verdicts(color_bundle, tmp_path / "b", {"onnx-fp32": PASS_CPU, "onnx-int8": PASS_CPU, "onnx-int8-qdq-s8": PASS_CPU},
+                      recommended={})
+    m = read_manifest(b)
+    shutil.copy(b / "model.onnx", b / "model.int8-qdq-s8.onnx")
+    cpu = dataclasses.replace(m.artifact("onnx-int8"), target="onnxruntime-cpu")
+    trt = dataclasses.replace(cpu, name="onnx-int8-qdq-s8", file="model.int8-qdq-s8.onnx", target="tensorrt")
+    write_manifest(b, m.replace(artifacts=tuple(a for a in m.artifacts if a.name != "onnx-int8") + (trt, cpu)))
+    with Classifier.from_bundle(b, backend="onnxruntime", precision="int8") as clf:
+        assert clf.info["artifact"] == "onnx-int8"
+    with Classifier.from_bundle(b, backend="onnxruntime", artifact="onnx-int8-qdq-s8") as clf:
+        assert clf.info["artifact"] == "onnx-int8-qdq-s8"
+    only_trt = read_manifest(b)
+    write_manifest(b, only_trt.replace(artifacts=tuple(a for a in only_trt.artifacts if a.name != "onnx-int8")))
+    with Classifier.from_bundle(b, backend="onnxruntime") as clf:  # FP32, not the file made for TensorRT
+        assert clf.info["artifact"] == "onnx-fp32"
+    with pytest.raises(UsageError, match="no ONNX artifact in int8"):
+        Classifier.from_bundle(b, backend="onnxruntime", precision="int8")
 
 
 def test_skipped_is_not_passed(color_bundle, tmp_path):

@@ -48,6 +48,24 @@ def test_runtime_preprocessing_matches_fastai_validation_transform(photos, cfg):
     assert diff <= 0.01, f"max |runtime - fastai| = {diff:.4f}/255 on {len(files)} images"
 
 
+@pytest.mark.parametrize("cfg", CONFIGS[:4:3], ids=lambda c: f"{c['item_size']}->{c['size']}-{c['resize_method']}")
+def test_resample_in_graph_spec_matches_fastai(photos, cfg):
+    """With the batch resample in the graph the host hands over Pillow's uint8 item-size image; its resample
+    (``network_pixels``, the host copy of the graph's, proved equal in test_graph_resample.py) matches fastai."""
+    pytest.importorskip("fastai")
+    from kimchi_edge.train.data import make_dataloaders, scan_dataset
+    from kimchi_edge.train.spec import compare_with_fastai, preprocessing_from_dls
+
+    root, _ = photos
+    dls = make_dataloaders(scan_dataset(root, screen=False), bs=4, **cfg)
+    spec = preprocessing_from_dls(dls, resample_in_graph=True)
+    item = cfg["item_size"] if isinstance(cfg["item_size"], tuple) else (cfg["item_size"],) * 2
+    assert (spec.dtype, spec.input_shape) == ("uint8", (*item, 3))
+    files = list(dls.valid_ds.items)[::max(1, len(dls.valid_ds.items) // 24)][:24]
+    diff = compare_with_fastai(dls, spec, files)
+    assert diff <= 0.01, f"max |runtime - fastai| = {diff:.4f}/255 on {len(files)} images"
+
+
 def test_wrong_spec_is_caught(photos):
     """The comparison can fail: a spec with the wrong batch crop is far off (any image shape)."""
     pytest.importorskip("fastai")
