@@ -316,7 +316,9 @@ def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Log) -> dic
             return {"error": f"timed out after {timeout} s (--timeout)", "seconds": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
         if proc.returncode != 0 or not out_path.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            code = proc.returncode
+            died = (f"killed by signal {-code}" if code < 0 else f"exit status {code}") if code else "no result file"
+            tail = (proc.stderr.strip().splitlines() or [f"no output ({died})"])[-1]
             log(f"  failed ({seconds:.0f} s): {tail}")
             return {"error": tail, "stderr_tail": proc.stderr[-3000:], "seconds": seconds}
         result = json.loads(out_path.read_text(encoding="utf-8"))
