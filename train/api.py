@@ -24,6 +24,7 @@ from kimchi_edge.runtime.manifest import MODEL_META_NAME, SPLIT_NAME, ModelMeta,
 LEARNER_NAME = "learner.pkl"
 METRIC_NAMES = ("valid_loss", "accuracy", "error_rate", "recall_macro", "precision_macro")  # learn.validate()'s order
 LR_FIND_MIN_ITERS = 30
+LR_FIND_LEAST_ITERS = 7  # the fewest --lr-find-iters fastai's suggestions survive
 LR_FIND_MAX_ITERS = 100
 LR_FIND_EPOCHS = 2  # about this many passes over the training set (within the bounds above)
 LR_FIND_RANGE = (1e-5, 1.0)  # fastai's 1e-7..10 spends 4 of its 8 decades where no fine-tune rate lives
@@ -144,8 +145,10 @@ def lr_find_iterations(n_train: int, bs: int, requested: int | None = None) -> i
     100 -> 2.2e-3, 40 -> 1.8e-3, 30 -> 1.5e-3, 20 -> 1.0e-3; 20 over 1e-7..10 -> 4.0e-4 (too coarse).
     """
     if requested is not None:
-        if requested < 2:
-            raise UsageError(f"--lr-find-iters {requested}: expected at least 2")
+        if requested < LR_FIND_LEAST_ITERS:
+            # fastai scores its suggestions on points [n//10 : n-5]; `steep` needs two of them (IndexError below 7)
+            raise UsageError(f"--lr-find-iters {requested}: expected at least {LR_FIND_LEAST_ITERS} "
+                             "(fastai's lr_find drops its first tenth and last 5 points), or --no-lr-find with --lr")
         return requested
     batches = max(1, n_train // max(1, bs))  # the training DataLoader drops the last partial batch
     return int(min(LR_FIND_MAX_ITERS, max(LR_FIND_MIN_ITERS, LR_FIND_EPOCHS * batches)))

@@ -52,7 +52,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: lr_find's valley suggestion)")
     p.add_argument("--no-lr-find", dest="lr_find", action="store_false", help="skip lr_find (uses --lr or 2e-3)")
     p.add_argument("--lr-find-iters", type=int, default=None,
-                   help="lr_find iterations (default: two epochs' worth of batches, within 30..100)")
+                   help="lr_find iterations, at least 7 (default: two epochs' worth of batches, within 30..100)")
     p.add_argument("--one-cycle-epochs", type=int, default=0, help="extra fit_one_cycle epochs after fine_tune")
     p.add_argument("--one-cycle-lr", type=float, default=None, help="lr_max of the extra fit_one_cycle")
     p.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE", help="stop after PATIENCE epochs without a better valid loss")

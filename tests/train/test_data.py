@@ -125,3 +125,13 @@ def test_lr_find_iterations_are_about_two_epochs(n_train, bs, expected):
 
     assert lr_find_iterations(n_train, bs) == expected
     assert lr_find_iterations(n_train, bs, requested=7) == 7
+
+
+def test_too_few_lr_find_iterations_is_a_usage_error_not_a_fastai_crash():
+    # fastai's lr_find scores its suggestions on points [n//10 : n-5]; with 6 its `steep` raised IndexError
+    from kimchi_edge.train.api import lr_find_iterations
+    from kimchi_edge.runtime.errors import UsageError
+
+    assert lr_find_iterations(100, 16, requested=7) == 7
+    with pytest.raises(UsageError, match="at least 7"):
+        lr_find_iterations(100, 16, requested=6)
