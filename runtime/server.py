@@ -212,8 +212,10 @@ async def read_body(request: Any, limit: int, media: str = "") -> bytearray:
     # A declared length is allocated once (growing a buffer reallocates and fragments the heap under load).
     data = bytearray(expected) if parser is None and expected is not None else bytearray()
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         if size + len(chunk) > limit:
+            await discard(stream, limit)  # up to twice the limit in all, then the connection is closed
             raise too_large(limit)
         if parser is not None:
             parser.feed(chunk)
@@ -243,6 +245,42 @@ def too_large(limit: int, size: int | None = None) -> ApiError:
     """413 for a body over ``limit`` (``size``: its declared length when known); the connection is closed."""
     what = f"request body is {size} bytes, over" if size is not None else "request body is over"
     return ApiError(413, "payload_too_large", f"{what} the limit of {limit} bytes; send a smaller image", {"Connection": "close"})
+
+
+#: Before a 413 closes the connection, up to this long is spent reading (and dropping) what the client still sends.
+LINGER_S = 2.0
+
+
+async def discard(chunks: Any, budget: int, seconds: float = LINGER_S) -> None:
+    """Read and drop up to ``budget`` more body bytes, for at most ``seconds`` (nothing is kept).
+
+    A socket closed with unread data in its receive buffer answers the client with a TCP reset, and most
+    clients (httpx, browsers) then report "connection reset" instead of the 413 they were sent.  Bodies a
+    little over the limit (a phone photo too big for a small ``--max-body-mb``) are therefore drained first,
+    as nginx's lingering close does; anything larger is cut at once.
+    """
+    async def drain() -> None:
+        n = 0
+        async for chunk in chunks:
+            n += len(chunk)
+            if n > budget:
+                return
+
+    try:
+        await asyncio.wait_for(drain(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def receive_chunks(receive: Any) -> Any:
+    """The request body's chunks from an ASGI ``receive``."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 class _FilePart:
@@ -438,6 +476,8 @@ class Admission:
         try:
             reserve = declared_length(declared) if declared is not None else cfg.max_body_bytes
             if declared is not None and reserve > cfg.max_body_bytes:
+                if reserve <= 2 * cfg.max_body_bytes:
+                    await discard(receive_chunks(receive), reserve)
                 raise too_large(cfg.max_body_bytes, reserve)
         except ApiError as exc:
             self.metrics.rejected.labels(exc.kind).inc()
