@@ -606,7 +606,7 @@ def experiments_section(results: dict[str, Any]) -> list[str]:
     ex = results.get("experiments")
     L = ["## What was tried, and its measured effect", ""]
     if not ex or "error" in ex:
-        return L + ["Not run (`--no-experiments`)" + (f": failed: {ex['error']}" if ex else "") + ".", ""]
+        return L + [(f"The experiments process failed: {ex['error']}." if ex else "Not run (`--no-experiments`)."), ""]
     L += _ort_variants(ex["ort"])
     L += _preprocess_variants(results, ex.get("preprocess", {}))
     L += _torch_variants(ex.get("torch", {}))
