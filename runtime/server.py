@@ -215,7 +215,9 @@ async def read_body(request: Any, limit: int, media: str = "") -> bytearray:
     stream = request.stream()
     async for chunk in stream:
         if size + len(chunk) > limit:
-            await discard(stream, limit)  # up to twice the limit in all, then the connection is closed
+            # The buffers go first: the exception's traceback keeps this frame alive while the 413 is sent
+            # (and Admission drains what is left of the body, within bounds).
+            data = parser = None
             raise too_large(limit)
         if parser is not None:
             parser.feed(chunk)
@@ -247,40 +249,50 @@ def too_large(limit: int, size: int | None = None) -> ApiError:
     return ApiError(413, "payload_too_large", f"{what} the limit of {limit} bytes; send a smaller image", {"Connection": "close"})
 
 
-#: Before a 413 closes the connection, up to this long is spent reading (and dropping) what the client still sends.
+#: Before a refusal closes the connection, up to this long is spent reading (and dropping) what the client still sends...
 LINGER_S = 2.0
+#: ...and reading stops as soon as the client sends nothing for this long (a stalled upload gets its answer at once).
+LINGER_GAP_S = 0.25
 
 
-async def discard(chunks: Any, budget: int, seconds: float = LINGER_S) -> None:
-    """Read and drop up to ``budget`` more body bytes, for at most ``seconds`` (nothing is kept).
+class _Body:
+    """Wraps an ASGI ``receive`` to know how much of the request body has been read and whether all of it has.
 
     A socket closed with unread data in its receive buffer answers the client with a TCP reset, and most
-    clients (httpx, browsers) then report "connection reset" instead of the 413 they were sent.  Bodies a
-    little over the limit (a phone photo too big for a small ``--max-body-mb``) are therefore drained first,
-    as nginx's lingering close does; anything larger is cut at once.
+    clients (httpx, browsers, curl) then report "connection reset" instead of the 401/400/413/503 they were
+    sent.  So before any answer that closes the connection, :meth:`linger` reads and drops what the client
+    is still sending, as nginx's lingering close does, within three bounds: at most ``budget`` bytes in all
+    (twice the body limit: a phone photo a little too big for a small ``--max-body-mb`` still gets its 413),
+    at most ``seconds`` in all, and at most ``gap`` seconds without a byte (nginx's ``lingering_timeout``).
+    Nothing is kept, so memory stays bounded; a larger or slower body is cut.
     """
-    async def drain() -> None:
-        n = 0
-        async for chunk in chunks:
-            n += len(chunk)
-            if n > budget:
-                return
 
-    try:
-        await asyncio.wait_for(drain(), seconds)
-    except asyncio.TimeoutError:
-        pass
+    def __init__(self, receive: Any, budget: int, seconds: float = LINGER_S, gap: float = LINGER_GAP_S) -> None:
+        self._receive, self.budget, self.seconds, self.gap = receive, budget, seconds, gap
+        self.read, self.complete = 0, False
 
+    async def receive(self) -> dict:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.read += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        else:  # http.disconnect: nothing more will come
+            self.complete = True
+        return message
 
-async def receive_chunks(receive: Any) -> Any:
-    """The request body's chunks from an ASGI ``receive``."""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
+    async def linger(self, declared: int | None) -> None:
+        """Drain the rest of the body (see the class), unless it is already read or declared too large to wait for."""
+        if self.complete or (declared is not None and declared > self.budget):
             return
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
+
+        async def drain() -> None:
+            while not self.complete and self.read <= self.budget:
+                await asyncio.wait_for(self.receive(), self.gap)
+
+        try:
+            await asyncio.wait_for(drain(), self.seconds)
+        except asyncio.TimeoutError:
+            pass
 
 
 class _FilePart:
@@ -446,17 +458,21 @@ class Admission:
         endpoint = path if path in _ENDPOINTS else "other"
         status = {"code": 500}
         started = time.perf_counter()
+        body = _Body(receive, 2 * self.cfg.max_body_bytes)
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                closes = any(k.lower() == b"connection" and v.lower() == b"close" for k, v in message.get("headers", ()))
+                if closes and message["status"] != 408:  # a sender too slow for the body timeout is not waited for again
+                    await body.linger(_declared_or_none(scope))
             await send(message)
 
         try:
             if path == "/predict" and scope.get("method") == "POST":
-                await self._predict(scope, receive, counting_send)
+                await self._predict(scope, body.receive, counting_send)
             else:
-                await self.app(scope, receive, counting_send)
+                await self.app(scope, body.receive, counting_send)
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -476,8 +492,6 @@ class Admission:
         try:
             reserve = declared_length(declared) if declared is not None else cfg.max_body_bytes
             if declared is not None and reserve > cfg.max_body_bytes:
-                if reserve <= 2 * cfg.max_body_bytes:
-                    await discard(receive_chunks(receive), reserve)
                 raise too_large(cfg.max_body_bytes, reserve)
         except ApiError as exc:
             self.metrics.rejected.labels(exc.kind).inc()
@@ -508,9 +522,20 @@ class Admission:
             state.body_bytes -= reserve
 
 
+def _declared_or_none(scope: dict) -> int | None:
+    """The request's ``Content-Length`` as a number, ``None`` when absent or not a number."""
+    for k, v in scope.get("headers", ()):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
 async def _refuse(scope: dict, receive: Any, send: Any, status: int, kind: str, message: str,
                   headers: dict[str, str] | None = None) -> None:
-    """Answer JSON ``{"error", "message"}`` without reading the body, and close the connection."""
+    """Answer JSON ``{"error", "message"}`` without using the body, and close the connection (after a bounded linger)."""
     from starlette.responses import JSONResponse
 
     await JSONResponse({"error": kind, "message": message}, status_code=status,
@@ -753,8 +778,10 @@ def _add_predict_route(app: Any, classifier: Any, cfg: ServerConfig, executor: T
         try:
             data = await asyncio.wait_for(read_body(request, cfg.max_body_bytes, media), cfg.body_timeout_s)
         except asyncio.TimeoutError:
+            data = None  # raised below, outside this block: no __context__ chain keeps the cancelled read's buffer alive
+        if data is None:
             raise ApiError(408, "request_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g} s",
-                           {"Connection": "close"}) from None
+                           {"Connection": "close"})
         if not data:
             raise ApiError(422, "invalid_image", "the request has no image (0 bytes); expected an encoded image (JPEG, PNG, WebP ...)")
         try:

@@ -301,6 +301,22 @@ def test_api_key_from_the_environment_and_cors(color_bundle, tmp_path):
         server.stop()
 
 
+def test_refusals_before_the_body_is_read_still_reach_the_client(color_bundle, tmp_path):
+    """401 and 400 answered with a 4 MB body unread: the client gets the answer, not a TCP reset (lingering close)."""
+    key = "k3y"
+    server = Server(color_bundle, tmp_path / "server.log", env_extra={"KIMCHI_EDGE_API_KEY": key})
+    try:
+        body = os.urandom(4 << 20)
+        for _ in range(3):  # a reset is a race; three tries make a regression show almost surely
+            assert_json_error(server.client.post("/predict", content=body, headers={"Content-Type": "image/png"}),
+                              401, "unauthorized", "needs an API key")
+            assert_json_error(server.client.post("/predict", content=body,
+                                                 headers={"Content-Type": "multipart/form-data", "X-API-Key": key}),
+                              400, "bad_request", "no boundary")
+    finally:
+        server.stop()
+
+
 def test_loopback_detection_for_the_lan_warning():
     from kimchi_edge.runtime.serve_cli import _is_loopback
 
