@@ -61,7 +61,9 @@ from kimchi_edge.runtime.manifest import (
     verify_artifact,
 )
 
-from .gate_policy import PREFERENCE, ArtifactResult, Thresholds, decide, embedded_mismatch, judge_decode_variant, quantization_summary, recommend
+from .gate_policy import (
+    PREFERENCE, ArtifactResult, Thresholds, decide, embedded_mismatch, jitter_note, judge_decode_variant, quantization_summary, recommend,
+)
 from .gate_report import GateReport, format_markdown, format_table, write_report
 from .gate_stats import compare, paired_difference_interval, wilson_interval
 from .progress import progress
@@ -319,6 +321,7 @@ def run_gate(
     status = _statuses(manifest, results)
     recommended, notes = recommend(manifest, status)
     failed, passed = _verdict(manifest, results + ov_rows + info_rows, status, notes)
+    notes.extend(n for n in (jitter_note(r, thresholds) for r in results) if n)
     report = GateReport(
         bundle=str(bundle), passed=passed, thresholds=thresholds, reference=_reference_summary(ref),
         results=results + ov_rows + info_rows, recommended=recommended, notes=notes, data_root=str(root),

@@ -98,7 +98,7 @@ def _same(a: Any, b: Any) -> bool:
 #: the INT8 details (``Artifact.details``, from :func:`kimchi_edge.convert.int8.int8_artifacts_from_onnx`) the report shows
 QUANTIZATION_KEYS = ("target", "activations", "weights", "calibration_mode", "calibration_method", "calibration_images",
                      "holdout_images", "holdout_min_agreement", "calibration_candidates", "calibration_seconds",
-                     "float_nodes", "fallback", "seconds")
+                     "float_nodes", "fallback", "fp32_input_jitter", "seconds")
 
 
 def quantization_summary(target: str, details: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,6 +106,19 @@ def quantization_summary(target: str, details: Mapping[str, Any]) -> dict[str, A
     if "activations" not in details:
         return {}
     return {"target": target or details.get("target", ""), **{k: details[k] for k in QUANTIZATION_KEYS if k in details and k != "target"}}
+
+
+def jitter_note(r: ArtifactResult, t: Thresholds) -> str | None:
+    """For an INT8 artifact that failed: the reason when the FP32 model itself does not hold the agreement floor
+    under a one-grey-level input jitter (``fp32_input_jitter``, measured on held-back training images)."""
+    j = (r.quantization or {}).get("fp32_input_jitter") or {}
+    if r.precision != "int8" or r.backend or r.status != "fail" or "agreement" not in j or j["agreement"] >= t.int8_min_agreement - 1e-12:
+        return None
+    return (f"{r.name}: the FP32 model itself agrees only {j['agreement'] * 100:.1f}% with its own answers when each input pixel "
+            f"moves by one grey level (held-back training images, mean|Δp| {j['mean_abs_dprob']:.4f}), below the "
+            f"{t.int8_min_agreement * 100:g}% INT8 floor: post-training INT8, which rounds every activation far more coarsely, "
+            "cannot be expected to reach it with this model; a better-trained model (more epochs or data, augmentation) "
+            "or quantization-aware training is the fix, and FP32 stays the recommended artifact meanwhile")
 
 
 def decide(r: ArtifactResult, t: Thresholds) -> None:

@@ -196,6 +196,14 @@ def _quantization_section(report: GateReport) -> list[str]:
         out.append(f"| {r.name} | {q.get('target') or '-'} | {q.get('activations', '-')} / {q.get('weights', '-')} | "
                    f"{q.get('calibration_method', '-')} ({q.get('calibration_mode', '-')}; {q.get('calibration_images', '?')} images, "
                    f"{q.get('holdout_images', 0)} held back) | {scores} | {kept} | {cost} |")
+    for r in rows:
+        j = r.quantization.get("fp32_input_jitter") or {}
+        if "agreement" in j:
+            out.append("")
+            out.append(f"The FP32 model against its own answers with each input pixel moved by one grey level "
+                       f"(-1/0/+1, held-back images): {j['agreement'] * 100:.1f}% agreement, mean\|Δp\| {j['mean_abs_dprob']:.4f}; "
+                       "the model's own sensitivity, which INT8's coarser rounding cannot be expected to beat.")
+            break  # the same figure for every INT8 artifact of the bundle
     return out
 
 

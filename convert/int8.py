@@ -284,6 +284,7 @@ class _Workspace:
         self.fp32_probs = _probs(fp32, self.holdout) if holdout else None
         self.calibration_seconds: dict[str, float] = {}
         self.shared_seconds = 0.0
+        self._jitter: dict[str, Any] | None = None
 
     @classmethod
     def prepare(cls, fp32: Path, tmp: Path, files: Sequence[str | Path], pre: Preprocessor, *, batch_size: int, quiet: bool,
@@ -367,6 +368,26 @@ class _Workspace:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConversionError(f"INT8 quantization failed: {type(exc).__name__}: {first[:300]}") from exc
 
+    def jitter(self) -> dict[str, Any]:
+        """FP32 against its own answers when every input pixel moves by -1, 0 or +1 grey level (p = 1/4, 1/2, 1/4).
+
+        The model's own sensitivity, measured on the held-back training images (never the validation split): INT8's
+        rounding of every activation is far coarser than this, so a model that does not hold the INT8 agreement floor
+        under this jitter is not one post-training quantization can be expected to keep (see the gate's notes).
+        Seeded: the same images give the same figure.  Empty without held-back images.
+        """
+        if self.holdout is None or self.fp32_probs is None:
+            return {}
+        if self._jitter is None:
+            rng = np.random.default_rng(0)
+            step = rng.choice(np.array([-1.0, 0.0, 0.0, 1.0], dtype=np.float32), size=self.holdout.shape)
+            x = np.clip(self.holdout.astype(np.float32) + step, 0, 255).astype(self.holdout.dtype)
+            p = _probs(self.fp32, x)
+            self._jitter = {"perturbation": "each input pixel -1/0/+1 grey level (p = 1/4, 1/2, 1/4)",
+                            "agreement": round(float((p.argmax(1) == self.fp32_probs.argmax(1)).mean()), 6),
+                            "mean_abs_dprob": round(float(np.abs(p - self.fp32_probs).mean()), 6), "images": int(len(p))}
+        return self._jitter
+
     def score(self, model: Path) -> dict[str, Any]:
         """Top-1 agreement and mean |Δp| with FP32 on the held-back images (empty without any)."""
         if self.holdout is None or self.fp32_probs is None:
@@ -420,6 +441,7 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
         "float_prefix_nodes": list(ws.prefix),
         "float_nodes": list(fallback.pop("float_nodes")),
         "fallback": fallback,
+        "fp32_input_jitter": ws.jitter(),
         "quantize_linear_nodes": n_q,
         "prefix_channels_last_nodes": moved,
         "onnxruntime": onnxruntime.__version__,

@@ -72,6 +72,23 @@ def test_int8_floor_is_configurable_and_in_the_reason():
     assert r.status == "fail"
 
 
+def test_a_model_too_sensitive_for_int8_is_named_as_the_reason():
+    from kimchi_edge.convert.gate_policy import jitter_note
+
+    r = _result("onnx-int8", "int8", 0.82, -0.01)
+    r.quantization = {"fp32_input_jitter": {"agreement": 0.94, "mean_abs_dprob": 0.02, "images": 50}}
+    decide(r, Thresholds())
+    note = jitter_note(r, Thresholds())
+    assert r.status == "fail" and note and "agrees only 94.0%" in note and "below the 98% INT8 floor" in note
+    assert jitter_note(r, Thresholds(int8_min_agreement=0.94)) is None  # the model holds this floor: no such excuse
+    r.quantization["fp32_input_jitter"]["agreement"] = 0.99
+    assert jitter_note(r, Thresholds()) is None  # robust model, INT8 still failed: the quantization is to blame
+    ok = _result("onnx-int8", "int8", 0.99, 0.0)
+    ok.quantization = {"fp32_input_jitter": {"agreement": 0.9, "mean_abs_dprob": 0.02}}
+    decide(ok, Thresholds())
+    assert jitter_note(ok, Thresholds()) is None  # passed: nothing to explain
+
+
 def _manifest(*names: str) -> BundleManifest:
     pre = Preprocessing(height=8, width=8, resize_height=8, resize_width=8, mean=(0.5,) * 3, std=(0.5,) * 3)
     arts = tuple(Artifact(name=n, file=n, format="tensorrt" if n.startswith("trt") else "onnx",

@@ -163,6 +163,16 @@ def test_sensitive_layers_stay_float_until_the_floor_is_reached(models, photos, 
     assert high["fallback"]["needed"] and not high["fallback"]["reached"]
 
 
+def test_fp32_sensitivity_to_one_grey_level_is_measured_on_the_held_back_images(models, photos, tmp_path):
+    d = int8_from_onnx(models["plain"], tmp_path / "cpu.onnx", photos["train"], meta(), method="minmax", quiet=True, log=lambda m: None)
+    j = d["fp32_input_jitter"]
+    assert j["images"] == 16 and "grey level" in j["perturbation"]
+    # the photos' channel means are close (see write_photos): one grey level flips some of them, but not most
+    assert 0.5 < j["agreement"] <= 1.0 and j["mean_abs_dprob"] > 0
+    again = int8_from_onnx(models["plain"], tmp_path / "cpu2.onnx", photos["train"], meta(), method="minmax", quiet=True, log=lambda m: None)
+    assert again["fp32_input_jitter"] == j  # seeded: a figure, not a dice roll
+
+
 def test_front_nodes_before_the_first_conv_stay_float_even_when_they_are_matmuls():
     import onnx
     from onnx import helper
@@ -268,6 +278,7 @@ def test_int8_gate_passes_at_its_agreement_and_fails_just_above(int8_bundle):
     md = (int8_bundle / "gate.md").read_text(encoding="utf-8")
     assert f"INT8 agrees ≥ {(reached + 0.001) * 100:g}% and loses ≤ 1 points" in md
     assert "## INT8: target, calibration, layers kept in float" in md and "| onnx-int8 | onnxruntime-cpu |" in md
+    assert "The FP32 model against its own answers with each input pixel moved by one grey level" in md
     gate_json = json.loads((int8_bundle / "gate.json").read_text(encoding="utf-8"))
     assert gate_json["thresholds"]["int8_min_agreement"] == pytest.approx(reached + 0.001)
     assert gate_json["thresholds"]["int8_max_loss_points"] == 1.0
