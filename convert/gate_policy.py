@@ -115,7 +115,7 @@ def jitter_note(r: ArtifactResult, t: Thresholds) -> str | None:
     if r.precision != "int8" or r.backend or r.status != "fail" or "agreement" not in j or j["agreement"] >= t.int8_min_agreement - 1e-12:
         return None
     return (f"{r.name}: the FP32 model itself agrees only {j['agreement'] * 100:.1f}% with its own answers when each input pixel "
-            f"moves by one grey level (held-back training images, mean|Δp| {j['mean_abs_dprob']:.4f}), below the "
+            f"moves by one grey level ({j.get('images', '?')} training images, mean|Δp| {j['mean_abs_dprob']:.4f}), below the "
             f"{t.int8_min_agreement * 100:g}% INT8 floor: post-training INT8, which rounds every activation far more coarsely, "
             "cannot be expected to reach it with this model; a better-trained model (more epochs or data, augmentation) "
             "or quantization-aware training is the fix, and FP32 stays the recommended artifact meanwhile")

@@ -201,7 +201,8 @@ def _quantization_section(report: GateReport) -> list[str]:
         if "agreement" in j:
             out.append("")
             out.append(f"The FP32 model against its own answers with each input pixel moved by one grey level "
-                       f"(-1/0/+1, held-back images): {j['agreement'] * 100:.1f}% agreement, mean\|Δp\| {j['mean_abs_dprob']:.4f}; "
+                       f"(-1/0/+1; {j.get('images', '?')} training images, {j.get('draws', 1)} draws): {j['agreement'] * 100:.1f}% agreement, "
+                       f"mean\|Δp\| {j['mean_abs_dprob']:.4f}; "
                        "the model's own sensitivity, which INT8's coarser rounding cannot be expected to beat.")
             break  # the same figure for every INT8 artifact of the bundle
     return out

@@ -173,7 +173,8 @@ def decode_image(
         _check_memory(src, max_decode_bytes, "PIL image")
         try:  # a lazily opened PIL image decodes here
             src.load()
-            return to_rgb(_upright(src))
+            out = to_rgb(_upright(src))
+            return src.copy() if out is src else out  # never the caller's own image object
         except _DECODE_ERRORS as exc:
             raise InvalidInputError(f"PIL image ({src.format or src.mode}) could not be decoded: {exc}") from exc
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -199,11 +200,14 @@ def decode_image(
             if draft is not None and im.format == "JPEG":
                 side = max(draft)
                 im.draft("RGB", (side, side))  # keeps both sides >= side (orientation-proof)
+            late_exif = _exif_after_pixels(im)
             _check_memory(im, max_decode_bytes, what)
             im.load()
+            if late_exif:  # its orientation is known only now, before the rotated copy
+                _check_memory(im, max_decode_bytes, what)
             out = to_rgb(_upright(im))
-            if out is im:  # detach from the file handle, sharing the pixels (no copy)
-                out = im._new(im.im)
+            if out is im:  # detach from the file handle, sharing the pixels (no copy; a memory-mapped file is copied)
+                out = im.copy() if im.readonly else im._new(im.im)
             return out
     except UnidentifiedImageError as exc:
         raise InvalidInputError(f"{what} is not an image Pillow can decode (JPEG, PNG, WebP, GIF, BMP, TIFF ...)") from exc
@@ -253,14 +257,19 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
         )
 
 
+def _exif_after_pixels(im: Image.Image) -> bool:
+    """A PNG whose EXIF block, if any, Pillow has not seen yet: before ``load()`` only decoding would find it."""
+    return im.format == "PNG" and "exif" not in im.info
+
+
 def _check_memory(im: Image.Image, max_decode_bytes: int | None, what: str) -> None:
     """Refuse (before ``load()``) an image whose decoding would need more than ``max_decode_bytes``."""
     if max_decode_bytes is None:
         return
-    try:
-        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8, 2, 3, 4)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored by _upright too
-        rotated = False
+    # Pillow's PNG reader finds an EXIF block placed after the pixel data only by decoding the whole image
+    # (PngImageFile.getexif calls load()): asking here would decode before this check.  Such a PNG is checked
+    # unrotated here and once more after load(), before any rotated copy is made (see decode_image).
+    rotated = False if _exif_after_pixels(im) else _orientation(im) != 1
     need = decode_bytes(im.size, im.mode, transparency="transparency" in im.info, rotated=rotated)
     if need > max_decode_bytes:
         w, h = im.size
@@ -308,10 +317,30 @@ def _declared_size(fp: Any) -> tuple[int, int] | None:
     return None
 
 
+#: EXIF orientations that move pixels (1 is upright; anything else is ignored, as Pillow does).
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF (or XMP) orientation of ``im`` that :func:`_upright` applies: 2..8, or 1 for nothing to do.
+
+    Pillow parses the EXIF block once per image and caches it, so :func:`_check_memory` and
+    :func:`_upright` asking both costs one parse.  A broken EXIF block counts as upright.
+    """
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+        return orientation if orientation in _TRANSPOSING_ORIENTATIONS else 1
+    except Exception:  # noqa: BLE001 - broken EXIF must not make a readable photo unreadable
+        return 1
+
+
 def _upright(im: Image.Image) -> Image.Image:
+    """``im`` with its EXIF orientation applied; ``im`` itself (not a copy) when it is already upright."""
+    if _orientation(im) == 1:  # ImageOps.exif_transpose would return a full copy of the pixels here
+        return im
     try:
         return ImageOps.exif_transpose(im) or im
-    except Exception:  # broken EXIF must not make a readable photo unreadable
+    except Exception:  # noqa: BLE001 - broken EXIF must not make a readable photo unreadable
         return im
 
 
@@ -440,22 +469,121 @@ def batch_resample_taps(in_h: int, in_w: int, out_h: int, out_w: int, square: bo
     return _taps(rows), _taps(cols_t.T)
 
 
+def _tap_plan(idx: np.ndarray, w: np.ndarray, channels: int) -> tuple[int, list[tuple[np.ndarray | None, np.ndarray, np.ndarray]]]:
+    """Taps ``(idx, w)`` of one axis as the work :func:`resample` does, tap by tap: ``(n_in_needed, steps)``.
+
+    Each step is ``(None, index, weight)`` for a tap applied to every output position (tap 0 always, and
+    any tap with mostly non-zero weights) or ``(positions, index, weight)`` for a tap whose non-zero
+    weights are few (the 4th tap of the few rows whose band is one wider): the positions left out
+    have weight 0, and adding ``0 * x`` (``x`` finite) to a float32 sum leaves it as it was, so
+    skipping them changes no value.  Indices and weights are repeated ``channels`` times (the column
+    pass works on the flattened ``(rows, width * channels)`` array).  The arrays are read-only.
+    """
+    if idx.size and int(idx.min()) < 0:
+        raise ValueError("resample: tap indices must be >= 0")
+    n = w.shape[0]
+    steps: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]] = []
+    for k in range(w.shape[1]):
+        nz = w[:, k] != 0
+        count = int(np.count_nonzero(nz))
+        if k == 0 or 2 * count > n:
+            pos, i, wk = None, idx[:, k], w[:, k]
+        elif count:
+            pos = np.flatnonzero(nz)
+            i, wk = idx[pos, k], w[pos, k]
+        else:
+            continue
+        if channels > 1:
+            i = (i[:, None] * channels + np.arange(channels)).ravel()
+            wk = np.repeat(wk, channels)
+            if pos is not None:
+                pos = (pos[:, None] * channels + np.arange(channels)).ravel()
+        step = (pos, np.array(i, dtype=np.intp), np.array(wk, dtype=np.float32))
+        for a in step:
+            if a is not None:
+                a.setflags(write=False)
+        steps.append(step)
+    return int(idx.max()) + 1, steps
+
+
+#: ``id(taps) -> (taps, channels, plans)`` for :func:`resample` (the taps object is kept, so its id stays its own).
+_PLANS: dict[int, tuple[Any, int, Any]] = {}
+
+
+def _plans(taps: Any, channels: int) -> Any:
+    """``(row plan, column plan, out_h, out_w)`` of ``taps`` (:func:`_tap_plan`), computed once per taps object.
+
+    :func:`batch_resample_taps` hands out the same (cached) object for a geometry, so this is a dict
+    look-up per image; the taps' arrays must not be changed in place after their first use.
+    """
+    key = id(taps)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is taps and hit[1] == channels:
+        return hit[2]
+    (ri, rw), (ci, cw) = taps
+    plans = (_tap_plan(ri, rw, 1), _tap_plan(ci, cw, channels), rw.shape[0], cw.shape[0])
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    _PLANS[key] = (taps, channels, plans)
+    return plans
+
+
 def resample(arr: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
              dtype: str = "float32") -> np.ndarray:
-    """``R @ arr @ C.T`` per channel for an ``(H, W, 3)`` ``uint8`` image, from :func:`batch_resample_taps`.
+    """``R @ arr @ C.T`` per channel for an ``(H, W, C)`` image, from :func:`batch_resample_taps`.
 
     ``dtype="float32"`` keeps fractional pixels (what fastai feeds its model); ``"uint8"`` rounds.
+
+    Every output value is ``sum_k w[k] * x[k]`` in float32, the products rounded to float32 and added in
+    tap order ``k = 0, 1, ...``, rows first and then columns -- the arithmetic of the ONNX in-graph
+    version (:func:`kimchi_edge.convert.onnx_export.prepend_batch_resample`) and of the earlier
+    implementation, bit for bit (``tests/runtime/test_preprocess_speedups.py``).  What makes it fast:
+    ``uint8`` rows are gathered as ``uint8`` and converted inside the multiply (no float32 copy of the
+    whole image, whose fresh pages alone cost more than the arithmetic), every step writes into a few
+    buffers allocated once per call, both passes work on 2-D ``(rows, width * channels)`` views (the
+    column pass gathers single floats), and a tap that is zero for nearly all outputs is applied only
+    where it is not.
+
+    Raises:
+        ValueError: ``arr`` is not ``(H, W, C)`` or smaller than the taps read.
     """
-    (ri, rw), (ci, cw) = taps
-    x = arr.astype(np.float32)
-    y = x[ri[:, 0]]
-    y *= rw[:, 0, None, None]
-    for k in range(1, ri.shape[1]):
-        y += rw[:, k, None, None] * x[ri[:, k]]
-    z = np.take(y, ci[:, 0], axis=1)
-    z *= cw[None, :, 0, None]
-    for k in range(1, ci.shape[1]):
-        z += cw[None, :, k, None] * np.take(y, ci[:, k], axis=1)
+    if arr.ndim != 3:
+        raise ValueError(f"resample: got an array of shape {arr.shape}; expected (height, width, channels)")
+    (r_need, r_steps), (c_need, c_steps), n_rows, n_cols = _plans(taps, arr.shape[2])
+    if arr.shape[0] < r_need or arr.shape[1] < c_need:
+        raise ValueError(f"resample: got an array of shape {arr.shape}; the taps read {r_need} rows x {c_need} columns x channels")
+    x = arr if arr.dtype in (np.uint8, np.float32) else arr.astype(np.float32)  # uint8 -> float32 is exact, in the multiply
+    _, w_in, ch = x.shape
+    # 2-D (rows, width * channels) views: numpy broadcasts a (rows, 1) weight over them far faster than a
+    # (rows, 1, 1) weight over the 3-D arrays.
+    flat = np.empty((n_rows, w_in * ch), dtype=np.float32)
+    part = np.empty_like(flat)
+    rows = np.empty((n_rows, w_in, ch), dtype=x.dtype)
+    rows_flat = rows.reshape(n_rows, w_in * ch)
+    for k, (pos, i, wk) in enumerate(r_steps):
+        if pos is None:
+            np.take(x, i, axis=0, out=rows, mode="clip")  # indices checked above; "clip" lets take fill `out` directly
+            if k == 0:
+                np.multiply(rows_flat, wk[:, None], out=flat)
+            else:
+                np.multiply(rows_flat, wk[:, None], out=part)
+                np.add(flat, part, out=flat)
+        else:
+            flat[pos] += wk[:, None] * x[i].reshape(i.size, w_in * ch)
+    del part, rows, rows_flat
+    z = np.empty((n_rows, n_cols * ch), dtype=np.float32)
+    cols = np.empty_like(z)
+    for k, (pos, i, wk) in enumerate(c_steps):
+        if pos is None:
+            np.take(flat, i, axis=1, out=cols, mode="clip")
+            if k == 0:
+                np.multiply(cols, wk, out=z)
+            else:
+                np.multiply(cols, wk, out=cols)
+                np.add(z, cols, out=z)
+        else:
+            z[:, pos] += wk * flat[:, i]
+    z = z.reshape(n_rows, n_cols, ch)
     if dtype == "uint8":
         return np.clip(np.rint(z), 0, 255).astype(np.uint8)
     return np.clip(z, 0, 255, out=z)

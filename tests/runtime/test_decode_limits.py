@@ -74,6 +74,27 @@ def test_rgb_at_the_same_size_fits_the_bound_and_is_decoded():
     assert not isinstance(info.value, ImageTooLargeError)
 
 
+def test_a_png_is_not_decoded_to_look_for_its_exif_before_the_bound(monkeypatch):
+    """Pillow finds a PNG's EXIF block after the pixel data only by decoding it all: the bound must not ask first."""
+    from PIL import PngImagePlugin
+
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: (loads.append(self.size), real_load(self))[1])
+    im = Image.new("RGBA", (300, 200), (200, 10, 10, 128))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    with pytest.raises(ImageTooLargeError, match="RGBA 300x200"):
+        decode_image(buf.getvalue(), max_decode_bytes=500_000)
+    assert loads == [], "the PNG was decoded before the memory bound refused it"
+    rotated = Image.new("RGB", (30, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 30x20, upright 20x30
+    buf = io.BytesIO()
+    rotated.save(buf, "PNG", exif=exif)
+    assert decode_image(buf.getvalue()).size == (20, 30)  # its orientation is still applied, after load
+
+
 def test_the_bound_is_per_call():
     im = Image.new("RGBA", (300, 200), (200, 10, 10, 128))
     buf = io.BytesIO()
