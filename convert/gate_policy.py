@@ -110,7 +110,7 @@ def quantization_summary(target: str, details: Mapping[str, Any]) -> dict[str, A
 
 def jitter_note(r: ArtifactResult, t: Thresholds) -> str | None:
     """For an INT8 artifact that failed: the reason when the FP32 model itself does not hold the agreement floor
-    under a one-grey-level input jitter (``fp32_input_jitter``, measured on held-back training images)."""
+    under a one-grey-level input jitter (``fp32_input_jitter``, measured on the calibration and held-back training images)."""
     j = (r.quantization or {}).get("fp32_input_jitter") or {}
     if r.precision != "int8" or r.backend or r.status != "fail" or "agreement" not in j or j["agreement"] >= t.int8_min_agreement - 1e-12:
         return None

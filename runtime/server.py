@@ -212,8 +212,7 @@ async def read_body(request: Any, limit: int, media: str = "") -> bytearray:
     # A declared length is allocated once (growing a buffer reallocates and fragments the heap under load).
     data = bytearray(expected) if parser is None and expected is not None else bytearray()
     size = 0
-    stream = request.stream()
-    async for chunk in stream:
+    async for chunk in request.stream():
         if size + len(chunk) > limit:
             # The buffers go first: the exception's traceback keeps this frame alive while the 413 is sent
             # (and Admission drains what is left of the body, within bounds).
