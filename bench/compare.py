@@ -315,9 +315,15 @@ def run_worker(cfg: dict[str, Any], threads: int, timeout: int, log: Log) -> dic
             log(f"  timed out after {timeout} s")
             return {"error": f"timed out after {timeout} s (--timeout)", "seconds": time.perf_counter() - t0}
         seconds = time.perf_counter() - t0
-        if proc.returncode != 0 or not out_path.is_file():
-            code = proc.returncode
-            died = (f"killed by signal {-code}" if code < 0 else f"exit status {code}") if code else "no result file"
+        code = proc.returncode
+        died = (f"killed by signal {-code}" if code < 0 else f"exit status {code}") if code else "no result file"
+        if code != 0 and out_path.is_file():  # it measured and wrote everything, then died tearing down (kept, and said)
+            result = json.loads(out_path.read_text(encoding="utf-8"))
+            result["seconds"] = seconds
+            result["exit_error"] = f"the process died after writing its results ({died})"
+            log(f"  {result['exit_error']}")
+            return result
+        if code != 0 or not out_path.is_file():
             tail = (proc.stderr.strip().splitlines() or [f"no output ({died})"])[-1]
             log(f"  failed ({seconds:.0f} s): {tail}")
             return {"error": tail, "stderr_tail": proc.stderr[-3000:], "seconds": seconds}
@@ -457,6 +463,7 @@ def compare(opts: CompareOptions, *, log: Log = _silent) -> Comparison:
         results["paths"] = measure_paths(opts, common, images, phone, manifest, log)
         if opts.one_thread_round and opts.threads != 1:
             results["one_thread"] = measure_one_thread(opts, common, images, results["paths"], log)
+        results["profile"] = profile_inference(opts, common, images, manifest, log)
         if opts.experiments:
             log("experiments (variants side by side) ...")
             results["experiments"] = run_worker({**common, "kind": "experiments", "images": [str(f) for f in images[:8]],
@@ -582,6 +589,19 @@ def measure_one_thread(opts: CompareOptions, common: dict[str, Any], images: Seq
             log(f"  p50 {r['batch1']['latency_ms']['p50']:.1f} ms, infer p50 {r['batch1']['stages_ms']['infer']['p50']:.1f} ms")
             r["batch1"].pop("probabilities", None)
         out[name] = r
+    return out
+
+
+def profile_inference(opts: CompareOptions, common: dict[str, Any], images: Sequence[Path], manifest: Any,
+                      log: Log) -> dict[str, Any]:
+    """ONNX Runtime's profiler on the bundle's ONNX artifacts (FP32 and each INT8), at the run's threads and at 1 thread:
+    kernel time per kind of Conv layer, the figures that say where the FLOP/s go (``{threads: result}``)."""
+    names = ["onnx-fp32", *[a.name for a in manifest.artifacts if a.format == "onnx" and a.precision == "int8"]]
+    out: dict[str, Any] = {}
+    for threads in dict.fromkeys((opts.threads, 1)):
+        log(f"profile of {', '.join(names)} ({threads} thread{'s' if threads > 1 else ''}) ...")
+        out[str(threads)] = run_worker({**common, "threads": threads, "kind": "profile", "images": [str(images[0])], "artifacts": names},
+                                       threads, opts.timeout, log)
     return out
 
 

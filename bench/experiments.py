@@ -27,6 +27,9 @@ from kimchi_edge.runtime.sysinfo import percentiles
 
 from .worker import Phase
 
+#: ONNX Runtime sessions kept alive until the process exits (see the end of :func:`ort_experiments`).
+_SESSIONS: list[Any] = []
+
 
 def _session(path: str | Path, threads: int, level: str = "ALL", spinning: bool = True) -> Any:
     import onnxruntime as ort
@@ -219,6 +222,10 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
             xb = np.stack([imgs[i % len(imgs)] for i in range(b)])
             batch_fns[f"int8-qdq-s8 batch {b}"] = _runner(sq8, xb)
     batches = interleaved(batch_fns, cfg.get("batch_rounds", 2), cfg.get("batch_iters", 3), warmup=1)
+    # The sessions live until the process ends: with onnxruntime 1.31.1 on an AVX2-only CPU, destroying the re-quantized
+    # variants' sessions after the timing rounds crashed the process (SIGSEGV), which used to lose every experiment.
+    # Kept, a crash can only come at exit, after the worker wrote its results (and ``run_worker`` says it happened).
+    _SESSIONS.append((fns, batch_fns))
     return {"batch1": b1, "batches": batches, "requantized": quant, "fused_ops": fused, "notes": notes}
 
 

@@ -105,3 +105,46 @@ def _prod(xs: list[int]) -> int:
     for x in xs:
         out *= int(x)
     return out
+
+
+def conv_kind(weight: list[int], in_channels: int) -> str:
+    """What a Conv is, from its weight ``(Cout, Cin/group, *kernel)`` and input channels: the kinds whose speed differs.
+
+    ``"depthwise"`` (one filter per channel), ``"grouped"``, ``"1x1"`` (a matmul over channels) or ``"kxk"`` (dense, e.g. a stem).
+    """
+    group = in_channels // max(1, weight[1])
+    if group > 1:
+        return "depthwise" if weight[1] == 1 and weight[0] == in_channels else "grouped"
+    return "1x1" if all(k == 1 for k in weight[2:]) else "kxk"
+
+
+def conv_layers(path: str | Path, batch: int = 1) -> list[dict[str, Any]]:
+    """The Conv nodes of an FP32 ONNX model in graph order: name, kind (:func:`conv_kind`), MACs, output shape and the
+    fewest bytes it must move in float32 (input read once, output written once, weights read once).
+
+    Raises:
+        ValueError: a Conv whose shapes shape inference could not resolve (nothing is guessed).
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name not in inits:
+            dim0 = inp.type.tensor_type.shape.dim[0]
+            dim0.ClearField("dim_param")
+            dim0.dim_value = batch
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {vi.name: _shape(vi) for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    shapes.update(inits)
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        x, w, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
+        if not (x and w and y):
+            raise ValueError(f"Conv {node.name or node.output[0]}: shapes not resolved by ONNX shape inference")
+        macs = y[0] * y[1] * _prod(y[2:]) * w[1] * _prod(w[2:])
+        out.append({"name": node.name or node.output[0], "kind": conv_kind(w, x[1]), "macs": int(macs), "output": y,
+                    "min_bytes": 4 * (_prod(x) + _prod(y) + _prod(w))})
+    return out

@@ -59,7 +59,7 @@ def short(results: dict[str, Any], name: str) -> str:
 
 def runtime_paths(results: dict[str, Any]) -> tuple[str, ...]:
     return LEGACY_RUNTIME_PATHS if _legacy(results) else RUNTIME_PATHS
-GOALS = {"speedup": 6.0, "agreement": 0.99, "peak_fraction": 0.70, "cold_ms": 1000.0, "rss_mb": 200.0}
+GOALS = {"speedup": 6.0, "agreement": 0.99, "peak_fraction": 0.70, "int8_speedup": 2.0, "cold_ms": 1000.0, "rss_mb": 200.0}
 #: series -> (what it is, the most decode + preprocess may take of bytes -> label)
 PRE_SHARE_GOALS = {"batch1": ("the benchmark's photos", 0.15), "phone": ("a phone photo", 0.30)}
 
@@ -154,8 +154,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"goal": "ORT FP32 achieves >= 70 % of the measured matmul peak",
                      "measured": f"batch 1: {got:.0f} GFLOP/s = {pct(frac)} of {peak:.0f} GFLOP/s{extra}",
                      "met": frac >= GOALS["peak_fraction"],
-                     "miss": "" if frac >= GOALS["peak_fraction"] else f"{100 * (GOALS['peak_fraction'] - frac):.1f} points short at batch 1 "
-                                                                        f"(inference would need {infer * frac / GOALS['peak_fraction']:.1f} ms instead of {infer:.1f})"})
+                     "miss": "" if frac >= GOALS["peak_fraction"] else "; ".join(
+                         x for x in (f"{100 * (GOALS['peak_fraction'] - frac):.1f} points short at batch 1 (inference would need "
+                                     f"{infer * frac / GOALS['peak_fraction']:.1f} ms instead of {infer:.1f})", peak_explanation(results)) if x)})
+    int8_row = int8_speed_goal(results)
+    if int8_row:
+        rows.append(int8_row)
     for series, (what, goal) in PRE_SHARE_GOALS.items():
         for name in runtime_paths(results):
             r = _ok(paths, name)
@@ -166,7 +170,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"goal": f"decode+preprocess <= {100 * goal:.0f} % of image->label on {what} ({short(results, name)})",
                          "measured": f"{pct(share)} (decode {f(d)} + preprocess {f(p)} of {f(r[series]['latency_ms']['p50'])} ms, p50)",
                          "met": share <= goal,
-                         "miss": "" if share <= goal else f"{100 * (share - goal):.1f} points over"})
+                         "miss": "" if share <= goal else f"{100 * (share - goal):.1f} points over; decode alone is "
+                                                          f"{pct(d / r[series]['latency_ms']['p50'])} of it" if d else ""})
     for name in runtime_paths(results):
         r = _ok(paths, name)
         if not r:
@@ -337,6 +342,7 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         phone_section(results),
         goals_section(results),
         compute_section(results),
+        profile_section(results),
         experiments_section(results),
         gpu_section(results),
         load_section(results),
@@ -550,6 +556,135 @@ def goals_section(results: dict[str, Any]) -> list[str]:
     return L
 
 
+KIND_WORDS = {"1x1": "1x1 convs", "depthwise": "depthwise convs", "grouped": "grouped convs", "kxk": "dense kxk convs (stem)"}
+
+
+def profiles(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``threads -> profile`` of the ONNX Runtime profiler runs that worked (``{}`` for runs from before it existed)."""
+    return {t: p for t, p in (results.get("profile") or {}).items() if p and "error" not in p}
+
+
+def copy_gbps(results: dict[str, Any]) -> float | None:
+    """The best median of the memory-copy bandwidth measurements (GB/s read + written), or None."""
+    vals = [p["copy_gbps"]["median"] for p in results.get("peak", []) if "error" not in p and p.get("copy_gbps")]
+    return max(vals) if vals else None
+
+
+def kind_rows(prof: dict[str, Any], art: str) -> dict[str, dict[str, float]]:
+    """Per Conv kind of one artifact's profile: ms, layers, GFLOP/s (FP32-equivalent) and FLOP/byte ({} when not attributed)."""
+    a = prof["artifacts"].get(art) or {}
+    out = {}
+    for kind, k in (a.get("kinds") or {}).items():
+        out[kind] = {**k, "gflops": 2 * k["macs"] / (k["ms"] / 1e3) / 1e9 if k["ms"] else float("nan"),
+                     "intensity": 2 * k["macs"] / k["min_bytes"] if k["min_bytes"] else float("nan")}
+    return out
+
+
+def peak_explanation(results: dict[str, Any]) -> str:
+    """Why ORT FP32 sits where it does against the matmul peak, from the profile at the run's threads ('' without one)."""
+    prof = profiles(results).get(str(results["threads"]))
+    peak, _ = peak_gflops(results)
+    rows = kind_rows(prof, "onnx-fp32") if prof else {}
+    if not rows or not peak or "1x1" not in rows:
+        return ""
+    total_macs = sum(k["macs"] for k in rows.values())
+    kernel = prof["artifacts"]["onnx-fp32"]["kernel_ms"]
+    fast = rows["1x1"]
+    whole_now = 2 * total_macs / (kernel / 1e3) / 1e9
+    parts = [f"in ONNX Runtime's profile (kernel time, {results['threads']} threads) the model's kernels together run at "
+             f"{pct(whole_now / peak)} of the peak; the 1x1 convs ({pct(fast['macs'] / total_macs)} of the FLOPs) at {fast['gflops']:.0f} GFLOP/s = "
+             f"{pct(fast['gflops'] / peak)}"]
+    slow = rows.get("depthwise")
+    if slow:
+        bw = copy_gbps(results)
+        roof = (f"; limited by memory alone (a copy moves {bw:.0f} GB/s here) they could do ~{bw * slow['intensity']:.0f} at that "
+                f"intensity, so they reach {pct(slow['gflops'] / (bw * slow['intensity']))} of even that bound") if bw else ""
+        at_fast = slow["macs"] * 2 / (fast["gflops"] * 1e9) * 1e3
+        whole = 2 * total_macs / ((kernel - slow["ms"] + at_fast) / 1e3) / 1e9
+        parts.append(f"the depthwise convs ({pct(slow['macs'] / total_macs)} of the FLOPs, {slow['intensity']:.1f} FLOP/byte against "
+                     f"{fast['intensity']:.1f} for the 1x1) run at {slow['gflops']:.0f} GFLOP/s and take {pct(slow['ms'] / kernel)} of the "
+                     f"kernel time{roof}; were they as fast as the 1x1 convs, the model would reach {pct(whole / peak)} of the peak")
+    return "; ".join(parts)
+
+
+def int8_speed_goal(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The goal 'the bundle's INT8 for ONNX Runtime on CPU infers >= 2x faster than its FP32', with the profile's reason."""
+    paths = results["paths"]
+    r8, r32 = _ok(paths, "ort-int8"), _ok(paths, "ort-fp32")
+    if _legacy(results) or not r8 or not r32:
+        return None
+    i8, i32 = r8["batch1"]["stages_ms"]["infer"]["p50"], r32["batch1"]["stages_ms"]["infer"]["p50"]
+    sp = i32 / i8
+    one = results.get("one_thread") or {}
+    o8, o32 = one.get("ort-int8"), one.get("ort-fp32")
+    sp1 = None
+    if o8 and o32 and "error" not in o8 and "error" not in o32:
+        sp1 = o32["batch1"]["stages_ms"]["infer"]["p50"] / o8["batch1"]["stages_ms"]["infer"]["p50"]
+    met = sp >= GOALS["int8_speedup"] and (sp1 is None or sp1 >= GOALS["int8_speedup"])
+    miss = []
+    if not met:
+        low = min(x for x in (sp, sp1) if x is not None)
+        miss.append(f"{low:.2f}x is {GOALS['int8_speedup'] - low:.2f}x short")
+        prof = profiles(results).get(str(results["threads"]))
+        k32, k8 = (kind_rows(prof, "onnx-fp32"), kind_rows(prof, "onnx-int8")) if prof else ({}, {})
+        if k32 and set(k32) == set(k8):
+            per = ", ".join(f"{KIND_WORDS.get(k, k)} {k32[k]['ms'] / k8[k]['ms']:.2f}x" for k in sorted(k32, key=lambda k: -k32[k]["ms"]))
+            miss.append(f"INT8 speed-up per kind of layer in the profile: {per}")
+            if "depthwise" in k8:
+                tot32 = prof["artifacts"]["onnx-fp32"]["kernel_ms"]
+                bound = tot32 / (k8["depthwise"]["ms"] + (tot32 - k32["depthwise"]["ms"]) / 2)
+                miss.append(f"with the depthwise convs at their INT8 time and every other kernel exactly 2x faster than FP32, the "
+                            f"whole would be {bound:.2f}x")
+    return {"goal": "ORT INT8 (onnx-int8, the bundle's INT8 for this backend) inference >= 2x faster than the bundle's FP32",
+            "measured": f"{results['threads']} threads: {sp:.2f}x ({f(i8, 2)} vs {f(i32, 2)} ms infer p50)"
+                        + (f"; 1 thread: {sp1:.2f}x" if sp1 else ""),
+            "met": met, "miss": "; ".join(miss)}
+
+
+def profile_section(results: dict[str, Any]) -> list[str]:
+    """Where ONNX Runtime's inference time goes, per kind of Conv layer, from its profiler (nothing for older runs)."""
+    profs = profiles(results)
+    if not profs:
+        failed = [f"{t} thread(s): {p.get('error')}" for t, p in (results.get("profile") or {}).items() if p and "error" in p]
+        return ["## Where the inference time goes", "", f"The profiler run failed: {'; '.join(failed)}.", ""] if failed else []
+    peak, _ = peak_gflops(results)
+    bw = copy_gbps(results)
+    L = ["## Where the inference time goes (ONNX Runtime's profiler, per kind of layer)", "",
+         "Each of the bundle's ONNX files, batch 1 on one preprocessed photo, in a process of its own; per node the median kernel "
+         "time of the timed calls (the profiler itself adds a little: compare `kernels` with `wall`). INT8 kernels are attributed "
+         "to the FP32 layer they replace (same order, same output size checked). GFLOP/s for INT8 are FP32-equivalent; FLOP/byte "
+         "is the layer's FLOPs over the fewest float32 bytes it must move (input, output and weights once).", ""]
+    if bw:
+        L += [f"* Memory copy bandwidth (numpy, one thread, 256 MB, bytes read + written): **{bw:.0f} GB/s**.", ""]
+    for threads, prof in profs.items():
+        same_threads = threads == str(results["threads"])  # the matmul peak was measured at the run's thread count only
+        rows = []
+        base = kind_rows(prof, "onnx-fp32")
+        for art, a in prof["artifacts"].items():
+            kinds = kind_rows(prof, art)
+            if not kinds:
+                rows.append([f"`{art}`", a.get("kinds_error", "—"), "", f(a["kernel_ms"], 2), "", "", "", "", "", ""])
+                continue
+            total_macs = sum(k["macs"] for k in kinds.values())
+            for kind in sorted(kinds, key=lambda k: -kinds[k]["ms"]):
+                k = kinds[kind]
+                vs = f"{base[kind]['ms'] / k['ms']:.2f}x" if art != "onnx-fp32" and kind in base else "—"
+                rows.append([f"`{art}`", KIND_WORDS.get(kind, kind), str(k["layers"]), f(k["ms"], 2), pct(k["ms"] / a["kernel_ms"]),
+                             pct(k["macs"] / total_macs), f(k["gflops"], 0), pct(k["gflops"] / peak) if peak and same_threads else "—",
+                             f(k["intensity"], 1), vs])
+            top = ", ".join(f"{op} {f(ms, 2)}" for op, ms in list(a["by_op"].items())[:4])
+            rows.append([f"`{art}`", f"everything else (kernels {f(a['kernel_ms'], 2)} ms, wall {f(a['wall_ms'], 2)} ms; top ops: {top})", "",
+                         f(a.get("other_ms"), 2), pct(a["other_ms"] / a["kernel_ms"]) if a.get("other_ms") is not None else "—", "", "", "", "", ""])
+        L += [f"{threads} thread{'s' if threads != '1' else ''}, {prof['runs']} timed calls"
+              + ("" if same_threads else " (no `of peak`: the matmul peak was measured at the run's thread count only)") + ":", ""]
+        L += _table(["model", "layers", "n", "ms", "of kernel time", "of FLOPs", "GFLOP/s", "of peak", "FLOP/byte", "vs FP32"], rows)
+        L += [""]
+    why = peak_explanation(results)
+    if why:
+        L += [f"* ORT FP32 against the matmul peak: {why}.", ""]
+    return L
+
+
 def compute_section(results: dict[str, Any]) -> list[str]:
     """FLOPs per image, the matmul peak, and the fraction of it each ONNX Runtime model reaches."""
     paths = results["paths"]
@@ -607,6 +742,8 @@ def experiments_section(results: dict[str, Any]) -> list[str]:
     L = ["## What was tried, and its measured effect", ""]
     if not ex or "error" in ex:
         return L + [(f"The experiments process failed: {ex['error']}." if ex else "Not run (`--no-experiments`)."), ""]
+    if ex.get("exit_error"):
+        L += [f"Note: {ex['exit_error']}; the figures below were complete before it.", ""]
     L += _ort_variants(ex["ort"])
     L += _preprocess_variants(results, ex.get("preprocess", {}))
     L += _torch_variants(ex.get("torch", {}))

@@ -12,6 +12,7 @@ Kinds (``config["kind"]``):
   ``ort-int8``, ``ort-int8-qdq-s8``) timed from image bytes to label at batch 1 (per stage), on phone-size photos, and at
   larger batches; cold start; peak RSS; the label of every image.
 * ``peak``: dense float32 matmul throughput (numpy and torch) at the configured thread count.
+* ``profile``: ONNX Runtime's profiler on the bundle's ONNX artifacts: kernel time per op and per kind of Conv layer.
 * ``experiments``: ONNX Runtime and preprocessing variants timed side by side in one process.
 """
 
@@ -25,6 +26,7 @@ _T0_WALL = time.time()
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -383,7 +385,157 @@ def run_peak(cfg: dict[str, Any]) -> dict[str, Any]:
         pass
     best = max(results.values(), key=lambda r: r["gflops_median"])
     return {"results": results, "numpy_blas": blas, "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
-            "peak_gflops": best["gflops_median"], "peak_from": f"{best['lib']} {best['n']}x{best['n']} (median of {best['reps']})"}
+            "peak_gflops": best["gflops_median"], "peak_from": f"{best['lib']} {best['n']}x{best['n']} (median of {best['reps']})",
+            "copy_gbps": copy_bandwidth()}
+
+
+def copy_bandwidth(mb: int = 256, reps: int = 7) -> dict[str, float]:
+    """Main-memory bandwidth as one thread of numpy sees it: a ``mb`` MB float32 copy, bytes read + written per second."""
+    import numpy as np
+
+    a = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return {"mb": mb, "median": 2 * a.nbytes / ts[len(ts) // 2] / 1e9, "best": 2 * a.nbytes / ts[0] / 1e9}
+
+
+#: ONNX Runtime's names for the kernels that run a model's Conv nodes (plain, fused with an activation, NCHWc, quantized)
+CONV_KERNELS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "QLinearConv", "ConvInteger")
+
+
+def run_profile(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where ONNX Runtime's inference time goes, per kind of Conv (:func:`kimchi_edge.bench.flops.conv_layers`).
+
+    Each artifact runs ``warmup + runs`` times at batch 1 on one preprocessed real photo with ONNX Runtime's profiler on;
+    per node the median kernel time of the last ``runs`` calls is kept.  The Conv kernels, in the order they first ran,
+    are attributed to a kind of layer by :func:`profile_summary` (an INT8 kernel to the FP32 layer it replaced); where
+    that fails, only the per-op totals are reported.
+    """
+    from kimchi_edge.runtime.manifest import read_manifest
+    from kimchi_edge.runtime.preprocess import Preprocessor
+
+    from .flops import conv_layers
+
+    bundle = Path(cfg["bundle"])
+    manifest = read_manifest(bundle)
+    x = Preprocessor(manifest.preprocessing)(Path(cfg["images"][0]).read_bytes())[None]
+    layers = conv_layers(bundle / manifest.artifact("onnx-fp32").file)
+    runs, warmup = int(cfg.get("runs", 40)), int(cfg.get("warmup", 10))
+    out: dict[str, Any] = {"threads": cfg["threads"], "runs": runs, "layers": [{k: v for k, v in c.items() if k != "output"} for c in layers],
+                           "artifacts": {}}
+    for name in cfg["artifacts"]:
+        out["artifacts"][name] = profile_onnx(bundle / manifest.artifact(name).file, x, layers, threads=cfg["threads"], runs=runs, warmup=warmup)
+    return out
+
+
+def profile_onnx(path: str | Path, x: Any, layers: list[dict[str, Any]], *, threads: int, runs: int = 40, warmup: int = 10) -> dict[str, Any]:
+    """One ONNX file under ONNX Runtime's profiler (CPU, batch ``x``): see :func:`run_profile` and :func:`profile_summary`."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="kimchi-bench-prof-") as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x}
+        walls = []
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            if i >= warmup:
+                walls.append((time.perf_counter() - t0) * 1e3)
+        events = json.loads(Path(sess.end_profiling()).read_text(encoding="utf-8"))
+        del sess
+    return profile_summary(events, layers, runs, walls)
+
+
+def _dims(shape_entry: dict[str, list[int]] | None) -> list[int]:
+    """``{"float": [1, 32, 112, 112]}`` (one entry of the profiler's ``input_type_shape``) -> ``[1, 32, 112, 112]``."""
+    return list(next(iter(shape_entry.values()), [])) if shape_entry else []
+
+
+def conv_kind_from_event(args: dict[str, Any]) -> str | None:
+    """The kind (:func:`kimchi_edge.bench.flops.conv_kind`) of a float Conv kernel, from its own profiler event (None when
+    not readable).
+
+    ONNX Runtime lists a float Conv's inputs as (X, W, B...), NCHW (NHWC for its ``Nhwc*`` kernels).  Only the kind is
+    read here: in its NCHWc layout the shapes are padded to whole channel blocks (a 4-channel 1x1 conv reports 8), so
+    MACs come from the graph instead.
+    """
+    from .flops import conv_kind
+
+    ins = args.get("input_type_shape") or []
+    if args.get("op_name") not in ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv") or len(ins) < 2:
+        return None
+    x, w = _dims(ins[0]), _dims(ins[1])
+    if len(x) != 4 or len(w) != 4:
+        return None
+    return conv_kind(w, x[3] if args["op_name"].startswith("Nhwc") else x[1])
+
+
+def profile_summary(events: list[dict[str, Any]], layers: list[dict[str, Any]], runs: int, walls: list[float]) -> dict[str, Any]:
+    """Per-node medians of the last ``runs`` kernel times -> totals per op and per Conv kind (see :func:`run_profile`).
+
+    A float Conv kernel's kind is read from its own event's shapes (:func:`conv_kind_from_event`); a quantized one's
+    (``QLinearConv``: its weights are pre-packed, so the event has no weight shape) from the FP32 layer of the same name in
+    ``layers`` (the quantizer keeps node names; ONNX Runtime's QDQ fusion appends ``_token_N``).  MACs and bytes per kind
+    are the graph's (``layers``), and the kernels counted per kind must equal the graph's layers per kind.  When a Conv
+    kernel can be attributed to no kind, or the counts differ, nothing is attributed (``kinds_error`` says why) rather
+    than guessed.
+    """
+    import re
+    import statistics
+
+    per_node: dict[str, list[float]] = {}
+    args_of: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        per_node.setdefault(name, []).append(e["dur"] / 1e3)
+        args_of[name] = e.get("args", {})
+    node_ms = {n: statistics.median(v[-runs:]) for n, v in per_node.items()}
+    by_op: dict[str, float] = {}
+    for n, ms in node_ms.items():
+        op = args_of[n].get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + ms
+    result: dict[str, Any] = {"wall_ms": statistics.median(walls), "kernel_ms": sum(node_ms.values()),
+                              "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+    kind_of = {layer["name"]: layer["kind"] for layer in layers}
+    kinds: dict[str, dict[str, float]] = {}
+    for n in per_node:
+        if args_of[n].get("op_name") not in CONV_KERNELS:
+            continue
+        kind = conv_kind_from_event(args_of[n]) or kind_of.get(re.sub(r"_token_\d+$", "", n))
+        if kind is None:
+            result["kinds_error"] = f"{args_of[n].get('op_name')} kernel {n} matches no Conv of the FP32 graph: not attributed"
+            return result
+        k = kinds.setdefault(kind, {"ms": 0.0, "layers": 0, "macs": 0, "min_bytes": 0})
+        k["ms"] += node_ms[n]
+        k["layers"] += 1
+    graph = {}
+    for layer in layers:  # MACs and bytes of each kind: exact, from the graph
+        g = graph.setdefault(layer["kind"], {"layers": 0, "macs": 0, "min_bytes": 0})
+        g["layers"] += 1
+        g["macs"] += layer["macs"]
+        g["min_bytes"] += layer["min_bytes"]
+    ran = {k: v["layers"] for k, v in kinds.items()}
+    if ran != {k: g["layers"] for k, g in graph.items()}:
+        result["kinds_error"] = f"Conv kernels per kind {ran} differ from the FP32 graph's {({k: g['layers'] for k, g in graph.items()})}: not attributed"
+        return result
+    for k, v in kinds.items():
+        v["macs"], v["min_bytes"] = graph[k]["macs"], graph[k]["min_bytes"]
+    result["kinds"] = kinds
+    result["other_ms"] = result["kernel_ms"] - sum(k["ms"] for k in kinds.values())
+    return result
 
 
 # --------------------------------------------------------------------------- entry point
@@ -396,13 +548,18 @@ def main(argv: list[str]) -> int:
         result = run_path(cfg)
     elif kind == "peak":
         result = run_peak(cfg)
+    elif kind == "profile":
+        result = run_profile(cfg)
     elif kind == "experiments":
         from .experiments import run_experiments
 
         result = run_experiments(cfg)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
-    Path(argv[1]).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+    out = Path(argv[1])
+    part = out.with_name(out.name + ".part")
+    part.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+    part.replace(out)  # complete or absent: a crash while tearing down (see experiments.py) cannot leave half a file
     return 0
 
 
