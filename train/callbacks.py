@@ -79,3 +79,24 @@ def epoch_line(row: dict[str, Any], total: int, seconds: list[float], best: bool
     eta = f"  ETA {sum(seconds) / len(seconds) * left:.0f} s" if left else ""
     return (f"epoch {row['epoch']} ({len(seconds)}/{total}) {row['phase']:<8}  {shown}  {seconds[-1]:.0f} s"
             f"{'  best so far' if best else ''}{eta}")
+
+
+class KeepPretrainedBatchNorm(Callback):
+    """The pretrained body's BatchNorm layers stay as loaded through every fit: eval mode (running statistics not
+    updated) and weights not trained, also after ``unfreeze()`` (which makes every parameter trainable again).
+
+    fastai's ``BnFreeze`` holds only BatchNorm layers whose weights are frozen, i.e. only while the body is frozen.
+    Why and what it measured: :func:`kimchi_edge.train.api.keep_pretrained_batchnorm`.  The head's BatchNorm layers
+    (``learn.model[1]``) train as usual.
+    """
+
+    order = 11  # after TrainEvalCallback (order -10) has put the model in train mode, like fastai's BnFreeze
+
+    def before_train(self) -> None:
+        import torch.nn as nn
+
+        for m in self.learn.model[0].modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad_(False)

@@ -47,6 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=4, help="fine_tune epochs after the frozen ones (default 4)")
     p.add_argument("--freeze-epochs", type=int, default=1,
                    help="frozen-body epochs of fine_tune (default 1; 0: all layers train from the start, one fit_one_cycle)")
+    p.add_argument("--train-bn", action="store_true",
+                   help="train the pretrained body's BatchNorm layers during fine_tune (fastai's default); by default they stay "
+                        "as pretrained, which on food10 gave 74 %% valid after the frozen epoch instead of 64 %%")
     p.add_argument("--lr-mult", type=float, default=100.0,
                    help="discriminative learning rates: the first layers get lr / LR_MULT (fine_tune's default 100; 1 = one rate)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: lr_find's valley suggestion)")
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace):
         max_rotate=args.max_rotate, max_warp=args.max_warp, max_lighting=args.max_lighting,
         resize_method=args.resize_method, valid_pct=args.valid_pct, test_pct=args.test_pct, seed=args.seed, bs=args.bs,
         epochs=args.epochs,
-        freeze_epochs=args.freeze_epochs, lr_mult=args.lr_mult, lr=args.lr, lr_find=args.lr_find, lr_find_iters=args.lr_find_iters,
+        freeze_epochs=args.freeze_epochs, train_bn=args.train_bn, lr_mult=args.lr_mult, lr=args.lr, lr_find=args.lr_find, lr_find_iters=args.lr_find_iters,
         one_cycle_epochs=args.one_cycle_epochs, one_cycle_lr=args.one_cycle_lr, early_stop=args.early_stop,
         max_images_per_class=args.max_images_per_class, overwrite=args.overwrite, quiet=args.quiet,
         device=args.device, mixed_precision=args.mixed_precision, threads=args.threads, workers=args.workers,

@@ -1,0 +1,100 @@
+"""Through fine_tune the pretrained body's BatchNorm layers stay as pretrained (``KeepPretrainedBatchNorm``).
+
+Real fastai on the bundled digits with EfficientNet-Lite0's shipped ImageNet weights: a frozen epoch and an unfrozen one
+change the head (and the unfrozen body's convolutions) and leave every BatchNorm layer of the body (running statistics
+and weights) exactly as loaded; with fastai's default (``--train-bn``) the same epochs change them, which is what cost
+food10's learner 10 points of validation accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastai", reason="the train extra (fastai) is not installed")
+
+from tests.train.conftest import KIMCHI_CLASSES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _learner(kimchi_tree: Path, tmp_path: Path, *, keep_bn: bool):
+    import torch
+
+    from kimchi_edge.train.api import keep_pretrained_batchnorm
+    from kimchi_edge.train.archs import learner_for_arch
+    from kimchi_edge.train.data import make_dataloaders, scan_dataset
+
+    scan = scan_dataset(kimchi_tree, quiet=True)
+    dls = make_dataloaders(scan, item_size=40, size=32, augment=1.0, flip=False, bs=16, device=torch.device("cpu"))
+    learn, _ = learner_for_arch(dls, "efficientnet_lite0", pretrained=True, weights=None, metrics=[], path=tmp_path)
+    if keep_bn:
+        keep_pretrained_batchnorm(learn)
+    return learn
+
+
+def _body_bn_state(learn) -> dict:
+    import torch.nn as nn
+
+    out = {}
+    for name, m in learn.model[0].named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for k in ("running_mean", "running_var", "weight", "bias"):
+                out[f"{name}.{k}"] = getattr(m, k).detach().clone()
+    return out
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    import torch
+
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def _head_weights(learn):
+    return [p.detach().clone() for p in learn.model[1].parameters()]
+
+
+@pytest.mark.parametrize("keep_bn", [True, False], ids=["default: kept as pretrained", "--train-bn: fastai's default"])
+def test_a_frozen_epoch_leaves_the_body_batchnorm_as_pretrained(kimchi_tree, tmp_path, keep_bn):
+    import torch
+
+    learn = _learner(kimchi_tree, tmp_path, keep_bn=keep_bn)
+    bn0, head0 = _body_bn_state(learn), _head_weights(learn)
+    assert bn0, "EfficientNet-Lite0's body has BatchNorm layers"
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-2)
+    changed = _changed(bn0, _body_bn_state(learn))
+    assert any(not torch.equal(a, b) for a, b in zip(head0, _head_weights(learn))), "the head must have trained"
+    if keep_bn:
+        assert changed == [], f"{len(changed)} body BatchNorm tensors changed while the body was frozen, e.g. {changed[:3]}"
+    else:  # fastai's train_bn=True: statistics of the training batches, weights trained
+        assert any(k.endswith("running_mean") for k in changed) and any(k.endswith(".weight") for k in changed)
+
+
+@pytest.mark.parametrize("keep_bn", [True, False], ids=["default: kept as pretrained", "--train-bn: fastai's default"])
+def test_once_unfrozen_the_body_batchnorm_still_stays_as_pretrained(kimchi_tree, tmp_path, keep_bn):
+    import torch
+
+    learn = _learner(kimchi_tree, tmp_path, keep_bn=keep_bn)
+    learn.unfreeze()
+    bn0 = _body_bn_state(learn)
+    convs0 = [p.detach().clone() for n, p in learn.model[0].named_parameters() if p.ndim == 4]
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3)
+    changed = _changed(bn0, _body_bn_state(learn))
+    convs = [p for n, p in learn.model[0].named_parameters() if p.ndim == 4]
+    assert any(not torch.equal(a, b) for a, b in zip(convs0, convs)), "the unfrozen body's convolutions must have trained"
+    if keep_bn:
+        assert changed == [], f"{len(changed)} body BatchNorm tensors changed after unfreeze(), e.g. {changed[:3]}"
+    else:
+        assert any(k.endswith("running_mean") for k in changed) and any(k.endswith(".weight") for k in changed)
+
+
+def test_the_run_says_so_and_the_exported_learner_carries_no_training_callback(tiny_run):
+    from fastai.vision.all import load_learner
+
+    assert "BatchNorm layers kept as pretrained throughout" in (tiny_run / "summary.md").read_text(encoding="utf-8")
+    learn = load_learner(tiny_run / "learner.pkl")
+    assert not [type(c).__name__ for c in learn.cbs if type(c).__name__ in ("KeepPretrainedBatchNorm", "BestModelSaver", "EarlyStoppingCallback")]
+    assert list(learn.dls.vocab) == sorted(KIMCHI_CLASSES.values())
