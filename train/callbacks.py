@@ -90,13 +90,22 @@ class KeepPretrainedBatchNorm(Callback):
     (``learn.model[1]``) train as usual.
     """
 
-    order = 11  # after TrainEvalCallback (order -10) has put the model in train mode, like fastai's BnFreeze
+    # before_fit runs before DistributedTrainer's (order 11), so DistributedDataParallel, built there, never registers
+    # these weights as trainable; before_train runs after TrainEvalCallback (order -10) has put the model in train mode.
+    order = 10
 
-    def before_train(self) -> None:
+    def _body_batchnorm(self) -> list:
         import torch.nn as nn
 
-        for m in self.learn.model[0].modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        model = self.learn.model
+        model = getattr(model, "module", model)  # inside a DistributedDataParallel (train --gpus N)
+        return [m for m in model[0].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def before_fit(self) -> None:
+        for m in self._body_batchnorm():  # unfreeze() between fine_tune's two fits made them trainable again
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def before_train(self) -> None:
+        for m in self._body_batchnorm():
+            m.eval()
