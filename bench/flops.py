@@ -34,20 +34,13 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def macs_from_onnx(path: str | Path, batch: int = 1) -> dict[str, Any]:
-    """MACs per forward pass of ``batch`` images, by op type, from ONNX shape inference.
-
-    Args:
-        path: an ONNX model whose first input has a dynamic batch axis.
-        batch: the batch size to fix before shape inference.
-
-    Returns:
-        ``{"macs": int, "flops": int, "by_op": {op: macs}, "nodes_counted": int, "nodes_unresolved": [names]}``.
-    """
+def _inferred_shapes(path: str | Path, batch: int) -> tuple[Any, dict[str, list[int] | None]]:
+    """The model with its batch axis fixed to ``batch`` and ONNX shape inference run, and every tensor's shape by name
+    (initializers included; ``None`` where inference left a dimension unknown)."""
     import onnx
 
     model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
     for inp in model.graph.input:
         if inp.name in inits:
             continue
@@ -58,8 +51,21 @@ def macs_from_onnx(path: str | Path, batch: int = 1) -> dict[str, Any]:
     shapes: dict[str, list[int] | None] = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         shapes[vi.name] = _shape(vi)
-    for name, init in inits.items():
-        shapes[name] = list(init.dims)
+    shapes.update(inits)
+    return model, shapes
+
+
+def macs_from_onnx(path: str | Path, batch: int = 1) -> dict[str, Any]:
+    """MACs per forward pass of ``batch`` images, by op type, from ONNX shape inference.
+
+    Args:
+        path: an ONNX model whose first input has a dynamic batch axis.
+        batch: the batch size to fix before shape inference.
+
+    Returns:
+        ``{"macs": int, "flops": int, "by_op": {op: macs}, "nodes_counted": int, "nodes_unresolved": [names]}``.
+    """
+    model, shapes = _inferred_shapes(path, batch)
 
     by_op: dict[str, int] = {}
     unresolved: list[str] = []
@@ -125,18 +131,7 @@ def conv_layers(path: str | Path, batch: int = 1) -> list[dict[str, Any]]:
     Raises:
         ValueError: a Conv whose shapes shape inference could not resolve (nothing is guessed).
     """
-    import onnx
-
-    model = onnx.load(str(path))
-    inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name not in inits:
-            dim0 = inp.type.tensor_type.shape.dim[0]
-            dim0.ClearField("dim_param")
-            dim0.dim_value = batch
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {vi.name: _shape(vi) for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    shapes.update(inits)
+    model, shapes = _inferred_shapes(path, batch)
     out = []
     for node in model.graph.node:
         if node.op_type != "Conv":
