@@ -170,8 +170,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"goal": f"decode+preprocess <= {100 * goal:.0f} % of image->label on {what} ({short(results, name)})",
                          "measured": f"{pct(share)} (decode {f(d)} + preprocess {f(p)} of {f(r[series]['latency_ms']['p50'])} ms, p50)",
                          "met": share <= goal,
-                         "miss": "" if share <= goal else f"{100 * (share - goal):.1f} points over; decode alone is "
-                                                          f"{pct(d / r[series]['latency_ms']['p50'])} of it" if d else ""})
+                         "miss": "" if share <= goal else f"{100 * (share - goal):.1f} points over"
+                                 + (f"; decode alone is {pct(d / r[series]['latency_ms']['p50'])} of it" if d else "")})
     for name in runtime_paths(results):
         r = _ok(paths, name)
         if not r:
@@ -650,10 +650,11 @@ def profile_section(results: dict[str, Any]) -> list[str]:
     peak, _ = peak_gflops(results)
     bw = copy_gbps(results)
     L = ["## Where the inference time goes (ONNX Runtime's profiler, per kind of layer)", "",
-         "Each of the bundle's ONNX files, batch 1 on one preprocessed photo, in a process of its own; per node the median kernel "
-         "time of the timed calls (the profiler itself adds a little: compare `kernels` with `wall`). INT8 kernels are attributed "
-         "to the FP32 layer they replace (same order, same output size checked). GFLOP/s for INT8 are FP32-equivalent; FLOP/byte "
-         "is the layer's FLOPs over the fewest float32 bytes it must move (input, output and weights once).", ""]
+         "The bundle's ONNX files, batch 1 on one preprocessed photo, one process per thread count; per node the median kernel "
+         "time of the timed calls (the profiler itself adds a little: compare `kernels` with `wall`). A float Conv kernel's kind "
+         "comes from its own shapes, an INT8 one's from the FP32 layer of the same name; the kernels counted per kind must equal "
+         "the graph's layers per kind, else nothing is attributed. MACs are the graph's; GFLOP/s for INT8 are FP32-equivalent; "
+         "FLOP/byte is the layer's FLOPs over the fewest float32 bytes it must move (input, output and weights once).", ""]
     if bw:
         L += [f"* Memory copy bandwidth (numpy, one thread, 256 MB, bytes read + written): **{bw:.0f} GB/s**.", ""]
     for threads, prof in profs.items():
