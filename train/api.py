@@ -56,7 +56,9 @@ class TrainConfig:
     bs: int = 64
     epochs: int = 4
     freeze_epochs: int = 1  # 0: train every layer from the first epoch (one fit_one_cycle)
-    train_bn: bool = False  # True: fastai's default, the pretrained body's BatchNorm layers train during fine_tune
+    # the pretrained body's BatchNorm layers during fine_tune: True trains them (fastai's default), False keeps them as
+    # pretrained, None: kept for efficientnet_lite0 (measured), trained for the torchvision archs (not measured here)
+    train_bn: bool | None = None
     lr_mult: float = 100.0  # discriminative learning rates: first layer group gets lr / lr_mult
     lr: float | None = None  # None: lr_find's suggestion
     lr_find: bool = True
@@ -351,8 +353,9 @@ def keep_pretrained_batchnorm(learn) -> None:
       epoch, then 67.8 / 67.0 % once unfrozen (BatchNorm training again), as Keras's EfficientNet fine-tuning guide
       warns; so they stay kept after ``unfreeze()`` too.
 
-    ``--train-bn`` restores fastai's default.  ``--freeze-epochs 0`` (every layer from the start, the quickstart's
-    recipe for digits, which look nothing like ImageNet) trains them as well.
+    When a run does this: :func:`keeps_pretrained_batchnorm` (``--train-bn`` / ``--keep-bn`` decide; by default the
+    measured arch).  ``--freeze-epochs 0`` (every layer from the start, the quickstart's recipe for digits, which look
+    nothing like ImageNet) trains them.
     """
     from .callbacks import KeepPretrainedBatchNorm
 
@@ -360,6 +363,21 @@ def keep_pretrained_batchnorm(learn) -> None:
     learn.opt = None  # the optimizer vision_learner made treats BatchNorm weights as trainable (train_bn=True)
     learn.freeze()
     learn.add_cb(KeepPretrainedBatchNorm())
+
+
+def keeps_pretrained_batchnorm(config: TrainConfig) -> bool:
+    """Whether this run keeps the pretrained body's BatchNorm layers as pretrained (:func:`keep_pretrained_batchnorm`).
+
+    Only a pretrained ``fine_tune`` (``freeze_epochs`` >= 1) can: ``--freeze-epochs 0`` and random init train them.  By
+    default (``train_bn=None``) for the archs it was measured on (``efficientnet_lite0``, TF-ported: food10 69.6 ->
+    78.8 %); the torchvision archs keep fastai's default, as their ImageNet weights can't be fetched here to measure
+    it (``--keep-bn`` asks for it on any arch).
+    """
+    from .archs_names import TIMM_ARCHS
+
+    if not (config.pretrained or config.weights) or not config.freeze_epochs:
+        return False
+    return config.arch in TIMM_ARCHS if config.train_bn is None else not config.train_bn
 
 
 def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: Log, w=None):
@@ -376,7 +394,7 @@ def _build_learner(config: TrainConfig, scan, device: _Device, run: Path, say: L
     learn, weights_source = learner_for_arch(
         dls, config.arch, pretrained=config.pretrained, weights=config.weights, metrics=_metrics(), path=run
     )
-    if (config.pretrained or config.weights) and config.freeze_epochs and not config.train_bn:
+    if keeps_pretrained_batchnorm(config):
         keep_pretrained_batchnorm(learn)
     if device.cuda and config.mixed_precision:
         learn.to_channelslast()  # channels_last + mixed precision (fastai's ChannelsLast/MixedPrecision)
@@ -459,7 +477,7 @@ def _fit(learn, config: TrainConfig, lr: float, say: Log) -> _Fit:
         history.phases = ["frozen", "unfrozen"]
         learn.fine_tune(config.epochs, base_lr=lr, freeze_epochs=config.freeze_epochs, lr_mult=config.lr_mult, cbs=cbs)
         schedule.append(f"fine_tune({config.epochs}, base_lr={lr:.1e}, freeze_epochs={config.freeze_epochs}, lr_mult={config.lr_mult:g})"
-                        + ("" if config.train_bn else "; the body's BatchNorm layers kept as pretrained throughout"))
+                        + ("; the body's BatchNorm layers kept as pretrained throughout" if keeps_pretrained_batchnorm(config) else ""))
     elif config.pretrained or config.weights:  # every layer from the start: one cycle, discriminative lr if lr_mult > 1
         history.phases = ["unfrozen"]
         learn.unfreeze()

@@ -98,3 +98,25 @@ def test_the_run_says_so_and_the_exported_learner_carries_no_training_callback(t
     learn = load_learner(tiny_run / "learner.pkl")
     assert not [type(c).__name__ for c in learn.cbs if type(c).__name__ in ("KeepPretrainedBatchNorm", "BestModelSaver", "EarlyStoppingCallback")]
     assert list(learn.dls.vocab) == sorted(KIMCHI_CLASSES.values())
+
+
+def test_who_keeps_the_batchnorm_by_default_and_how_to_change_it():
+    """Kept by default for the arch it was measured on; the torchvision archs keep fastai's default; both flags win."""
+    import argparse
+
+    from kimchi_edge.train.api import TrainConfig, keeps_pretrained_batchnorm
+    from kimchi_edge.train.cli import add_args
+
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    flags = {(): None, ("--train-bn",): True, ("--keep-bn",): False}
+    assert {k: parser.parse_args(["data", *k]).train_bn for k in flags} == flags
+
+    def keeps(**kw):
+        return keeps_pretrained_batchnorm(TrainConfig(data=Path("d"), out=Path("o"), **kw))
+
+    assert keeps(arch="efficientnet_lite0") and not keeps(arch="efficientnet_lite0", train_bn=True)
+    assert not keeps(arch="resnet18") and keeps(arch="resnet18", train_bn=False)
+    # nothing to keep: every layer trains from the start, or there are no pretrained statistics
+    assert not keeps(arch="efficientnet_lite0", freeze_epochs=0)
+    assert not keeps(arch="efficientnet_lite0", pretrained=False, train_bn=False)
