@@ -51,7 +51,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     bn.add_argument("--train-bn", dest="train_bn", action="store_true", default=None,
                     help="train the pretrained body's BatchNorm layers during fine_tune (fastai's default; the default here for "
                          "the torchvision archs)")
-    bn.add_argument("--keep-bn", dest="train_bn", action="store_false",
+    bn.add_argument("--keep-bn", dest="train_bn", action="store_false", default=None,
                     help="keep them as pretrained through fine_tune (the default for efficientnet_lite0: food10 78.8 %% valid "
                          "instead of 69.6 %%)")
     p.add_argument("--lr-mult", type=float, default=100.0,
@@ -132,10 +132,13 @@ def train_argv(args: argparse.Namespace) -> list[str]:
         if not action.option_strings:
             argv.append(str(value))
             continue
-        if value == action.default:
-            continue
         option = max(action.option_strings, key=len)  # --quiet, not -q
-        argv += [option] if action.nargs == 0 else [option, str(value)]
+        if action.nargs == 0:  # a flag: given when the value is the one it stores (--train-bn/--keep-bn share a dest)
+            if value == action.const:
+                argv.append(option)
+            continue
+        if value != action.default:
+            argv += [option, str(value)]
     return argv
 
 

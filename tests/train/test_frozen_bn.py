@@ -111,6 +111,11 @@ def test_who_keeps_the_batchnorm_by_default_and_how_to_change_it():
     add_args(parser)
     flags = {(): None, ("--train-bn",): True, ("--keep-bn",): False}
     assert {k: parser.parse_args(["data", *k]).train_bn for k in flags} == flags
+    from kimchi_edge.train.cli import train_argv
+
+    for k in flags:  # what --gpus N hands to torchrun's workers is the same choice (the two flags share one dest)
+        args = parser.parse_args(["data", *k])
+        assert vars(parser.parse_args(train_argv(args))) == vars(args), k
 
     def keeps(**kw):
         return keeps_pretrained_batchnorm(TrainConfig(data=Path("d"), out=Path("o"), **kw))
