@@ -252,6 +252,9 @@ def too_large(limit: int, size: int | None = None) -> ApiError:
 LINGER_S = 2.0
 #: ...and reading stops as soon as the client sends nothing for this long (a stalled upload gets its answer at once).
 LINGER_GAP_S = 0.25
+#: what the linger may read beyond twice the body limit: multipart framing around a file of twice the limit, and the
+#: read chunk that crosses it (a declared length just over 2x was cut at once, and the client got a reset instead of its 413)
+LINGER_SLACK_BYTES = 64 * 1024
 
 
 class _Body:
@@ -261,7 +264,8 @@ class _Body:
     clients (httpx, browsers, curl) then report "connection reset" instead of the 401/400/413/503 they were
     sent.  So before any answer that closes the connection, :meth:`linger` reads and drops what the client
     is still sending, as nginx's lingering close does, within three bounds: at most ``budget`` bytes in all
-    (twice the body limit: a phone photo a little too big for a small ``--max-body-mb`` still gets its 413),
+    (twice the body limit plus :data:`LINGER_SLACK_BYTES`: a phone photo a little too big for a small ``--max-body-mb``
+    still gets its 413, multipart framing included),
     at most ``seconds`` in all, and at most ``gap`` seconds without a byte (nginx's ``lingering_timeout``).
     Nothing is kept, so memory stays bounded; a larger or slower body is cut.
     """
@@ -457,7 +461,7 @@ class Admission:
         endpoint = path if path in _ENDPOINTS else "other"
         status = {"code": 500}
         started = time.perf_counter()
-        body = _Body(receive, 2 * self.cfg.max_body_bytes)
+        body = _Body(receive, 2 * self.cfg.max_body_bytes + LINGER_SLACK_BYTES)
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
