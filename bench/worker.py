@@ -404,17 +404,19 @@ def copy_bandwidth(mb: int = 256, reps: int = 7) -> dict[str, float]:
     return {"mb": mb, "median": 2 * a.nbytes / ts[len(ts) // 2] / 1e9, "best": 2 * a.nbytes / ts[0] / 1e9}
 
 
-#: ONNX Runtime's names for the kernels that run a model's Conv nodes (plain, fused with an activation, NCHWc, quantized)
-CONV_KERNELS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "QLinearConv", "ConvInteger")
+#: ONNX Runtime's names for the float kernels that run a model's Conv nodes (plain, fused with an activation, NHWC)...
+FLOAT_CONV_KERNELS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
+#: ...and every Conv kernel, quantized ones included
+CONV_KERNELS = (*FLOAT_CONV_KERNELS, "QLinearConv", "ConvInteger")
 
 
 def run_profile(cfg: dict[str, Any]) -> dict[str, Any]:
     """Where ONNX Runtime's inference time goes, per kind of Conv (:func:`kimchi_edge.bench.flops.conv_layers`).
 
     Each artifact runs ``warmup + runs`` times at batch 1 on one preprocessed real photo with ONNX Runtime's profiler on;
-    per node the median kernel time of the last ``runs`` calls is kept.  The Conv kernels, in the order they first ran,
-    are attributed to a kind of layer by :func:`profile_summary` (an INT8 kernel to the FP32 layer it replaced); where
-    that fails, only the per-op totals are reported.
+    per node the median kernel time of the last ``runs`` calls is kept.  The Conv kernels are attributed to a kind of
+    layer by :func:`profile_summary` (an INT8 kernel to the FP32 layer of the same name); where that fails, only the
+    per-op totals are reported.
     """
     from kimchi_edge.runtime.manifest import read_manifest
     from kimchi_edge.runtime.preprocess import Preprocessor
@@ -473,7 +475,7 @@ def conv_kind_from_event(args: dict[str, Any]) -> str | None:
     from .flops import conv_kind
 
     ins = args.get("input_type_shape") or []
-    if args.get("op_name") not in ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv") or len(ins) < 2:
+    if args.get("op_name") not in FLOAT_CONV_KERNELS or len(ins) < 2:
         return None
     x, w = _dims(ins[0]), _dims(ins[1])
     if len(x) != 4 or len(w) != 4:
