@@ -529,7 +529,8 @@ def phone_photos(opts: CompareOptions, images: Sequence[Path], folder: Path) -> 
 
 def int8_artifacts(manifest: Any) -> dict[str, dict[str, Any]]:
     """The bundle's INT8 ONNX artifacts as the report describes them: target, recipe, calibration, layers kept float."""
-    keys = ("target", "activations", "weights", "calibration_method", "calibration_mode", "calibration_images", "float_nodes")
+    keys = ("target", "activations", "weights", "calibration_method", "calibration_mode", "calibration_images", "bias_correction",
+            "float_nodes")
     return {a.name: {"target": a.target, **{k: a.details[k] for k in keys if k in a.details and k != "target"}}
             for a in manifest.artifacts if a.format == "onnx" and a.precision == "int8"}
 

@@ -421,6 +421,7 @@ def method_section(results: dict[str, Any]) -> list[str]:
             f"{q.get('activations', 'int8 symmetric')} activations, {q.get('weights', 'int8 symmetric per-channel')} weights, "
             f"{q.get('calibration_method', 'minmax')} calibration ({q.get('calibration_mode', 'fixed')}) on "
             f"{q.get('calibration_images', '?')} training images"
+            + ("; bias correction (each layer's bias absorbs the mean shift its rounded weights cause)" if q.get("bias_correction") else "")
             + (f"; {len(q['float_nodes'])} layer(s) kept in float" if q.get("float_nodes") else "") + "."
             for name, q in (results.get("int8_artifacts") or {}).items()],
           "* Cold start: in-process import time of the path's stack + load time (learner / TorchScript / bundle), measured from a clock "

@@ -96,7 +96,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 #: the INT8 details (``Artifact.details``, from :func:`kimchi_edge.convert.int8.int8_artifacts_from_onnx`) the report shows
-QUANTIZATION_KEYS = ("target", "activations", "weights", "calibration_mode", "calibration_method", "calibration_images",
+QUANTIZATION_KEYS = ("target", "activations", "weights", "calibration_mode", "calibration_method", "bias_correction", "calibration_images",
                      "holdout_images", "holdout_min_agreement", "calibration_candidates", "calibration_seconds",
                      "float_nodes", "fallback", "fp32_input_jitter", "seconds")
 

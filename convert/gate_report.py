@@ -176,14 +176,18 @@ def _quantization_section(report: GateReport) -> list[str]:
     if not rows:
         return []
     out = ["", "## INT8: target, calibration, layers kept in float", "",
-           "Calibration method chosen by top-1 agreement with FP32 on training images held back from calibration "
+           "Calibration method, with or without bias correction (each layer's bias absorbs the mean output shift its rounded "
+           "weights cause), chosen by top-1 agreement with FP32 on training images held back from calibration "
            "(never the validation images above).", "",
            "| artifact | target | activations / weights | calibration | held-back agreement per method | kept in float | held-back ms/img without → with |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r.quantization
         cands = q.get("calibration_candidates") or {}
-        scores = ", ".join(f"{m} {c['agreement'] * 100:.1f}%" + (f" (mean\|Δp\| {c['mean_abs_dprob']:.4f})" if "mean_abs_dprob" in c else "")
+        def _score(c: Mapping[str, Any]) -> str:
+            return f"{c['agreement'] * 100:.1f}%" + (f" (mean\|Δp\| {c['mean_abs_dprob']:.4f})" if "mean_abs_dprob" in c else "")
+
+        scores = ", ".join(f"{m} {_score(c)}" + (f", with bias correction {_score(c['bias_correction'])}" if c.get("bias_correction") else "")
                            for m, c in cands.items() if c) or "not scored (too few calibration images to hold any back)"
         fb = q.get("fallback") or {}
         nodes = q.get("float_nodes") or []
@@ -194,7 +198,8 @@ def _quantization_section(report: GateReport) -> list[str]:
                      + ("" if fb.get("reached") else f", still below {q.get('holdout_min_agreement', 0) * 100:g}%") + ")")
         cost = f"{ms['without']:.2f} → {ms['with']:.2f}" if ms else "-"
         out.append(f"| {r.name} | {q.get('target') or '-'} | {q.get('activations', '-')} / {q.get('weights', '-')} | "
-                   f"{q.get('calibration_method', '-')} ({q.get('calibration_mode', '-')}; {q.get('calibration_images', '?')} images, "
+                   f"{q.get('calibration_method', '-')}{' with bias correction' if q.get('bias_correction') else ''} "
+                   f"({q.get('calibration_mode', '-')}; {q.get('calibration_images', '?')} images, "
                    f"{q.get('holdout_images', 0)} held back) | {scores} | {kept} | {cost} |")
     for r in rows:
         j = r.quantization.get("fp32_input_jitter") or {}

@@ -7,7 +7,8 @@ feeds the model at inference time — so the calibrated ranges are those the dep
 Targets (:data:`RECIPES`): ``onnxruntime-cpu`` (``onnx-int8``: uint8 activations, int8 weights — what ONNX Runtime's
 x86-64 kernels run as integer convolutions) and ``tensorrt`` (``onnx-int8-qdq-s8``: symmetric int8 activations, the
 explicit-quantization graph TensorRT expects).  A slice of the calibration images is held back: each calibration
-method is scored by top-1 agreement with FP32 on it and the best is kept; if even that misses the agreement floor,
+method is scored by top-1 agreement with FP32 on it, with and without bias correction (:func:`bias_correct`: each
+layer's bias absorbs the mean output shift its rounded weights cause), and the best is kept; if even that misses the agreement floor,
 the most sensitive layers stay in float (the fewest that reach it).  Everything in front of the network's first
 Conv/MatMul/Gemm (cast, resample, normalisation, layout) stays in float.
 """
@@ -286,6 +287,7 @@ class _Workspace:
         self.calibration_seconds: dict[str, float] = {}
         self.shared_seconds = 0.0
         self._jitter: dict[str, Any] | None = None
+        self._means: dict[str, np.ndarray] | None = None
 
     @classmethod
     def prepare(cls, fp32: Path, tmp: Path, files: Sequence[str | Path], pre: Preprocessor, *, batch_size: int, quiet: bool,
@@ -341,7 +343,42 @@ class _Workspace:
         self.calibration_seconds[method] = time.perf_counter() - t
         return path
 
-    def quantize(self, recipe: Int8Recipe, method: str, out: Path, float_nodes: Sequence[str] = ()) -> None:
+    def input_means(self) -> dict[str, np.ndarray]:
+        """Per layer (Conv, Gemm), the FP32 model's mean input over the calibration images, computed once.
+
+        ``(C, H, W)`` for a Conv (the mean per channel and position, so that :func:`bias_correct` sees which taps
+        read padding), ``(C,)`` for a Gemm.  Every layer's input is added as a graph output and averaged over the
+        batch, a batch at a time (memory holds one batch of activations).  The float prefix's nodes are left out.
+        """
+        if self._means is None:
+            import onnx
+            from onnx import helper
+
+            model = _load(self.prep)
+            layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.name and n.name not in self.prefix]
+            outputs = {o.name for o in model.graph.output}
+            for t in dict.fromkeys(n.input[0] for n in layers):
+                if t not in outputs:
+                    model.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            session = _session(model)
+            name = session.get_inputs()[0].name
+            wanted = list(dict.fromkeys(n.input[0] for n in layers))
+            sums: dict[str, np.ndarray] = {}
+            count = 0
+            step = max(1, min(self.batch_size, 8))  # every layer's input at once: keep the batch small
+            for start in range(0, len(self.calib), step):
+                x = self.pre.batch(self.calib[start : start + step])
+                for t, v in zip(wanted, session.run(wanted, {name: x})):
+                    m = v.astype(np.float64).sum(axis=0)  # (C, H, W) for a Conv: the padding's effect depends on where
+                    sums[t] = sums[t] + m if t in sums else m
+                count += len(x)
+            del session
+            self._means = {n.name: sums[n.input[0]] / max(count, 1) for n in layers}
+        return self._means
+
+    def quantize(self, recipe: Int8Recipe, method: str, out: Path, float_nodes: Sequence[str] = (), *,
+                 bias_correction: bool = False) -> int:
+        """Quantize to ``out``; with ``bias_correction`` apply :func:`bias_correct` too.  Returns the layers it corrected."""
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[recipe.activation_type]
@@ -368,6 +405,14 @@ class _Workspace:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConversionError(f"INT8 quantization failed: {type(exc).__name__}: {first[:300]}") from exc
+        return self.bias_corrected(out, out) if bias_correction else 0
+
+    def bias_corrected(self, model: Path, out: Path) -> int:
+        """:func:`bias_correct` the QDQ model ``model`` into ``out`` (may be the same file); the layers corrected."""
+        qdq = _load(model)
+        corrected = bias_correct(qdq, _load(self.prep), self.input_means())
+        atomic_write_bytes(out, qdq.SerializeToString())
+        return len(corrected)
 
     def jitter(self, draws: int = 3) -> dict[str, Any]:
         """FP32 against its own answers when every input pixel moves by -1, 0 or +1 grey level (p = 1/4, 1/2, 1/4).
@@ -420,16 +465,30 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
     import onnxruntime
 
     candidates: dict[str, dict[str, Any]] = {}
+    paths: dict[tuple[str, bool], Path] = {}
+    corrected_layers = 0
     for m in methods:
         path = ws.tmp / f"{recipe.target}.{m}.onnx"
         ws.quantize(recipe, m, path)
+        paths[m, False] = path
         candidates[m] = ws.score(path)
-    best = max(methods, key=lambda m: (candidates[m].get("agreement", 0.0), -candidates[m].get("mean_abs_dprob", 0.0)))
-    chosen = ws.tmp / f"{recipe.target}.{best}.onnx"
-    if len(methods) > 1:
-        log(f"INT8 {recipe.artifact}: calibration {best} (held-back agreement "
-            + ", ".join(f"{m} {candidates[m]['agreement'] * 100:.1f}%" for m in methods) + ")")
-    fallback = _fallback(ws, recipe, best, chosen, candidates[best], min_agreement=min_agreement, max_float_nodes=max_float_nodes)
+        if ws.holdout is not None:  # bias correction is a candidate too, judged on the same held-back images
+            paths[m, True] = ws.tmp / f"{recipe.target}.{m}.bc.onnx"
+            corrected_layers = ws.bias_corrected(path, paths[m, True])
+            candidates[m]["bias_correction"] = {"layers": corrected_layers, **ws.score(paths[m, True])}
+
+    def rank(key: tuple[str, bool]) -> tuple[float, float]:
+        c = candidates[key[0]].get("bias_correction", {}) if key[1] else candidates[key[0]]
+        return c.get("agreement", 0.0), -c.get("mean_abs_dprob", 0.0)
+
+    best, bc = max(paths, key=rank)  # ties: the first, i.e. without bias correction
+    chosen = paths[best, bc]
+    if len(paths) > 1:
+        log(f"INT8 {recipe.artifact}: calibration {best}{' with bias correction' if bc else ''} (held-back agreement "
+            + ", ".join(f"{m}{' +bc' if b else ''} {rank((m, b))[0] * 100:.1f}%" for m, b in paths) + ")")
+    score = candidates[best].get("bias_correction", {}) if bc else candidates[best]
+    fallback = _fallback(ws, recipe, best, chosen, {k: v for k, v in score.items() if k != "bias_correction"},
+                         min_agreement=min_agreement, max_float_nodes=max_float_nodes, bias_correction=bc)
     if fallback["float_nodes"]:
         chosen = Path(fallback.pop("path"))
         log(f"INT8 {recipe.artifact}: kept {len(fallback['float_nodes'])} sensitive node(s) in float: held-back agreement "
@@ -449,6 +508,8 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
         "quantization": "onnxruntime static, QDQ",
         **recipe.settings(),
         "calibration_method": best,
+        "bias_correction": bc,
+        "bias_corrected_layers": corrected_layers if bc else 0,
         "calibration_images": len(ws.calib),
         "calibration_split": "train",
         "calibration_candidates": candidates,
@@ -544,8 +605,109 @@ def prefix_channels_last(model: Any, nodes: Sequence[str]) -> int:
     return len(chain)
 
 
+def bias_correct(qdq: Any, float_model: Any, input_means: Mapping[str, np.ndarray]) -> list[str]:
+    """Fold the mean output shift that weight rounding causes into each quantized layer's bias, in place.
+
+    A layer ``y = W x + b`` quantized to ``Wq`` computes ``y + (Wq - W) x``: on average its output moves by
+    ``(Wq - W) E[x]`` per channel, a shift that no later layer undoes (EfficientNet-Lite's depthwise convolutions
+    have few weights per channel, so their rounding errors do not average out).  Subtracting it from the bias --
+    the bias correction of Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction"
+    (ICCV 2019), with ``E[x]`` measured on calibration images instead of derived from BatchNorm -- leaves each
+    layer's mean output as the float model's, at no cost at inference: only the int32 bias values change.
+
+    Args:
+        qdq: the QDQ ``onnx.ModelProto`` (changed in place): a Conv or Gemm (``transB=1``) whose weight and bias each
+            come from a ``DequantizeLinear`` of initializers is corrected; others are left as they are.
+        float_model: the float model that was quantized (the layers by name, with their float weights).
+        input_means: layer name -> mean input (:meth:`_Workspace.input_means`): ``(C, H, W)`` for a Conv, whose taps
+            that read zero padding are accounted for (explicit ``pads``; ``auto_pad`` layers are skipped), ``(C,)`` for
+            a Gemm.
+
+    Returns:
+        The names of the layers whose bias changed.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    float_layers = {n.name: n for n in float_model.graph.node if n.name}
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+
+    def dq_parts(tensor: str) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray] | None:
+        node = producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear" or any(t not in inits for t in node.input):
+            return None
+        q = numpy_helper.to_array(inits[node.input[0]])
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
+        if scale.ndim == 1 and scale.size > 1:  # per-channel along `axis`
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return node, q, scale, zero
+
+    corrected = []
+    for node in qdq.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.name not in input_means:
+            continue
+        if node.op_type == "Gemm" and (attrs.get("transB") is None or attrs["transB"].i != 1 or "transA" in attrs and attrs["transA"].i
+                                       or "alpha" in attrs and attrs["alpha"].f != 1.0 or "beta" in attrs and attrs["beta"].f != 1.0):
+            continue
+        w_parts, b_parts = dq_parts(node.input[1]), dq_parts(node.input[2])
+        ref = float_layers.get(node.name)
+        if w_parts is None or b_parts is None or ref is None or len(ref.input) < 2 or ref.input[1] not in float_inits:
+            continue
+        _, wq_int, w_scale, w_zero = w_parts
+        b_node, b_int, b_scale, _ = b_parts
+        w = numpy_helper.to_array(float_inits[ref.input[1]]).astype(np.float64)
+        wq = (wq_int.astype(np.float64) - w_zero) * w_scale
+        mu = np.asarray(input_means[node.name], dtype=np.float64)
+        if wq.shape != w.shape or b_int.dtype != np.int32 or b_int.ndim != 1:
+            continue
+        groups = attrs["group"].i if "group" in attrs else 1
+        taps = _tap_means(node, mu, w.shape) if node.op_type == "Conv" else mu.reshape(-1, 1)  # (C, taps)
+        if taps is None or taps.shape[0] != groups * w.shape[1] or w.shape[0] % groups:
+            continue
+        d = (wq - w).reshape(groups, w.shape[0] // groups, w.shape[1], -1)  # (groups, out per group, in per group, taps)
+        shift = np.einsum("goit,git->go", d, taps.reshape(groups, w.shape[1], -1)).reshape(-1)
+        b_scale = np.broadcast_to(b_scale.reshape(-1), shift.shape)
+        new = np.clip(np.round(b_int.astype(np.float64) - shift / b_scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        if not np.array_equal(new, b_int):
+            inits[b_node.input[0]].CopyFrom(numpy_helper.from_array(new, b_node.input[0]))
+            corrected.append(node.name)
+    return corrected
+
+
+def _tap_means(node: Any, mean: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray | None:
+    """A Conv's mean input seen by each kernel tap: ``(C, kh * kw)``, averaged over the output positions.
+
+    ``mean`` is the layer's mean input ``(C, H, W)``; a tap that reads the zero padding for some outputs sees
+    those zeros.  None for what this does not model (``auto_pad``, not 2-D).
+    """
+    attrs = {a.name: a for a in node.attribute}
+    if mean.ndim != 3 or len(w_shape) != 4 or ("auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET")):
+        return None
+    kh, kw = w_shape[2], w_shape[3]
+    sh, sw = list(attrs["strides"].ints) if "strides" in attrs else [1, 1]
+    dh, dw = list(attrs["dilations"].ints) if "dilations" in attrs else [1, 1]
+    pt, pl, pb, pr = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
+    c, h, w = mean.shape
+    oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        return None
+    padded = np.zeros((c, h + pt + pb, w + pl + pr), dtype=np.float64)
+    padded[:, pt : pt + h, pl : pl + w] = mean
+    out = np.empty((c, kh, kw), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, i, j] = padded[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw].mean(axis=(1, 2))
+    return out.reshape(c, kh * kw)
+
+
 def _fallback(ws: _Workspace, recipe: Int8Recipe, method: str, model: Path, score: Mapping[str, Any], *, min_agreement: float,
-              max_float_nodes: int) -> dict[str, Any]:
+              max_float_nodes: int, bias_correction: bool = False) -> dict[str, Any]:
     """Keep the fewest sensitive layers in float until held-back agreement reaches ``min_agreement``.
 
     Tries the 1, 2, 4 ... ``max_float_nodes`` most sensitive layers (:func:`layer_sensitivity`); keeps the first that
@@ -566,7 +728,7 @@ def _fallback(ws: _Workspace, recipe: Int8Recipe, method: str, model: Path, scor
     while True:
         nodes = list(dict.fromkeys(n for group, _ in ranked[:k] for n in group))
         path = ws.tmp / f"{recipe.target}.{method}.float{k}.onnx"
-        ws.quantize(recipe, method, path, nodes)
+        ws.quantize(recipe, method, path, nodes, bias_correction=bias_correction)
         s = ws.score(path)
         tries.append({"float_nodes": len(nodes), "agreement": s["agreement"], "mean_abs_dprob": s["mean_abs_dprob"]})
         if s["agreement"] > best[1]["agreement"] + 1e-12:
@@ -667,7 +829,8 @@ def _session(path: str | Path, threads: int | None = None) -> Any:
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    src = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)  # an onnx.ModelProto, or a file
+    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def _probs(model: Any, x: np.ndarray, batch: int = 16) -> np.ndarray:
