@@ -77,10 +77,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_output_args(p, json_help="the run folder and its validation and test metrics")
 
 
+def run_folder(args: argparse.Namespace) -> Path:
+    """``--out``, or ``runs/DATA-ARCH`` without it."""
+    return Path(args.out) if args.out else Path("runs") / f"{Path(args.data).resolve().name}-{args.arch}"
+
+
 def config_from_args(args: argparse.Namespace):
     from kimchi_edge.train.api import TrainConfig
 
-    out = args.out or Path("runs") / f"{Path(args.data).resolve().name}-{args.arch}"
+    out = run_folder(args)
     return TrainConfig(
         data=args.data, out=out, arch=args.arch, pretrained=args.pretrained, weights=args.weights,
         item_size=args.item_size, size=args.size, min_scale=args.min_scale, augment=args.augment, flip=args.flip,
@@ -169,9 +174,14 @@ def launch_distributed(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from kimchi_edge.runtime.cliutil import emit, progress_log
     from kimchi_edge.runtime.errors import KimchiEdgeError, require
+    from kimchi_edge.runtime.errors import UsageError
     from kimchi_edge.train.distributed import world
     from kimchi_edge.train.third_party import importing_fastai
 
+    # the checks that need neither torch nor fastai, before importing them (seconds on a small CPU)
+    out = run_folder(args)
+    if not world().distributed and out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     with importing_fastai():
         require("fastai.vision.all", extra="train", purpose="kimchi-edge train")
     from kimchi_edge.train.api import train

@@ -64,3 +64,17 @@ def test_quickstart_says_an_engine_is_not_used_without_calling_the_artifact_fail
     line = summary_lines({"accuracy": 0.98, "test": None}, gate, Path("b"), 60)[0]
     assert "onnx-int8 on openvino 38.2%, so openvino is not used for it" in line
     assert "FAILED" not in line and "onnx-fp32 @ openvino" not in line
+
+
+def test_an_existing_run_folder_is_refused_before_torch_or_fastai_is_imported(tmp_path):
+    """The one-line error comes at once: the check needs neither torch nor fastai (importing them takes seconds)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = ("import sys; from kimchi_edge.cli import main; rc = main(['train', sys.argv[1], '--out', sys.argv[2]]); "
+            "print(rc, 'torch' in sys.modules, 'fastai' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(out)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False", "False"], (r.stdout, r.stderr)
+    assert f"{out} already exists; choose another --out or pass --overwrite" in r.stderr
