@@ -216,6 +216,35 @@ def _run_classifier(bundle: Path, art: Artifact, files: list[Path], *, batch_siz
     return np.asarray(probs, dtype=np.float64), len(files) / wall, infer / len(files), info
 
 
+def fp32_jitter(bundle: Path, files: list[Path], *, batch_size: int = 16, threads: int | None = None, draws: int = 2,
+                quiet: bool = True) -> dict[str, Any]:
+    """``onnx-fp32`` against its own answers on ``files`` when every input pixel moves by -1, 0 or +1 grey level.
+
+    The same perturbation as the INT8 stage's ``fp32_input_jitter`` (p = 1/4, 1/2, 1/4, seeded), here on the gate's own
+    images: a diagnosis of the model, printed as a note when an INT8 artifact fails; it chooses nothing and changes
+    no verdict.  Full-size decoding, as the gate scores.
+    """
+    from kimchi_edge.runtime.classifier import Classifier
+
+    with Classifier.from_bundle(bundle, backend="onnxruntime", artifact="onnx-fp32", threads=threads, fast_decode=False,
+                                allow_ungated=True) as clf:
+        rngs = [np.random.default_rng(seed) for seed in range(draws)]
+        same = np.zeros(draws)
+        steps = np.array([-1.0, 0.0, 0.0, 1.0], dtype=np.float32)
+        bar = progress(total=len(files), desc="gate FP32 jitter", quiet=quiet, unit="img")
+        for start in range(0, len(files), batch_size):
+            x = clf.preprocessor.batch(files[start : start + batch_size])
+            ref = clf.infer_array(x).argmax(1)
+            for d, rng in enumerate(rngs):
+                moved = np.clip(x.astype(np.float32) + rng.choice(steps, size=x.shape), 0, 255).astype(x.dtype)
+                same[d] += int((clf.infer_array(moved).argmax(1) == ref).sum())
+            bar.update(len(x))
+        bar.close()
+    agree = same / max(len(files), 1)
+    return {"agreement": round(float(agree.mean()), 6), "agreement_per_draw": [round(float(a), 6) for a in agree],
+            "images": len(files), "draws": draws, "split": "validation (the gate's images)"}
+
+
 def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool) -> tuple[np.ndarray, float, float, dict]:
     try:
         import torch
@@ -321,7 +350,13 @@ def run_gate(
     status = _statuses(manifest, results)
     recommended, notes = recommend(manifest, status)
     failed, passed = _verdict(manifest, results + ov_rows + info_rows, status, notes)
-    notes.extend(n for n in (jitter_note(r, thresholds) for r in results) if n)
+    failed_int8 = [r for r in results if r.precision == "int8" and not r.backend and r.status == "fail"]
+    if failed_int8 and any(a.name == "onnx-fp32" for a in manifest.artifacts):
+        # why INT8 missed: how far the FP32 model itself holds on these very images under a one-grey-level jitter
+        valid_jitter = fp32_jitter(bundle, files, batch_size=batch_size, threads=threads, quiet=quiet)
+    else:
+        valid_jitter = None
+    notes.extend(n for n in (jitter_note(r, thresholds, valid_jitter) for r in results) if n)
     report = GateReport(
         bundle=str(bundle), passed=passed, thresholds=thresholds, reference=_reference_summary(ref),
         results=results + ov_rows + info_rows, recommended=recommended, notes=notes, data_root=str(root),

@@ -108,14 +108,24 @@ def quantization_summary(target: str, details: Mapping[str, Any]) -> dict[str, A
     return {"target": target or details.get("target", ""), **{k: details[k] for k in QUANTIZATION_KEYS if k in details and k != "target"}}
 
 
-def jitter_note(r: ArtifactResult, t: Thresholds) -> str | None:
-    """For an INT8 artifact that failed: the reason when the FP32 model itself does not hold the agreement floor
-    under a one-grey-level input jitter (``fp32_input_jitter``, measured on the calibration and held-back training images)."""
-    j = (r.quantization or {}).get("fp32_input_jitter") or {}
-    if r.precision != "int8" or r.backend or r.status != "fail" or "agreement" not in j or j["agreement"] >= t.int8_min_agreement - 1e-12:
+def jitter_note(r: ArtifactResult, t: Thresholds, valid_jitter: Mapping[str, Any] | None = None) -> str | None:
+    """For an INT8 artifact that failed: the reason when the FP32 model itself does not hold the agreement floor under a
+    one-grey-level input jitter -- on the calibration and held-back training images (``fp32_input_jitter``) or on the
+    gate's validation images (``valid_jitter``, :func:`kimchi_edge.convert.gate.fp32_jitter`; named first when below)."""
+    if r.precision != "int8" or r.backend or r.status != "fail":
         return None
-    return (f"{r.name}: the FP32 model itself agrees only {j['agreement'] * 100:.1f}% with its own answers when each input pixel "
-            f"moves by one grey level ({j.get('images', '?')} training images, mean|Δp| {j['mean_abs_dprob']:.4f}), below the "
+    j = (r.quantization or {}).get("fp32_input_jitter") or {}
+    seen = []  # the gate's own images first: they are the ones the verdict is about
+    if valid_jitter and "agreement" in valid_jitter:
+        seen.append((valid_jitter["agreement"], f"{valid_jitter.get('images', '?')} validation images, the gate's own"))
+    if "agreement" in j:
+        seen.append((j["agreement"], f"{j.get('images', '?')} training images"))
+    below = [a for a in seen if a[0] < t.int8_min_agreement - 1e-12]
+    if not below:
+        return None
+    agreement, where = below[0]
+    return (f"{r.name}: the FP32 model itself agrees only {agreement * 100:.1f}% with its own answers when each input pixel "
+            f"moves by one grey level ({where}), below the "
             f"{t.int8_min_agreement * 100:g}% INT8 floor: post-training INT8, which rounds every activation far more coarsely, "
             "cannot be expected to reach it with this model; a better-trained model (more epochs or data, augmentation) "
             "or quantization-aware training is the fix, and FP32 stays the recommended artifact meanwhile")

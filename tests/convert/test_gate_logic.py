@@ -83,6 +83,10 @@ def test_a_model_too_sensitive_for_int8_is_named_as_the_reason():
     assert jitter_note(r, Thresholds(int8_min_agreement=0.94)) is None  # the model holds this floor: no such excuse
     r.quantization["fp32_input_jitter"]["agreement"] = 0.99
     assert jitter_note(r, Thresholds()) is None  # robust model, INT8 still failed: the quantization is to blame
+    # robust on the training images it learnt, not on the validation images the gate scores: that is named
+    note = jitter_note(r, Thresholds(), {"agreement": 0.97, "images": 500})
+    assert note and "agrees only 97.0%" in note and "500 validation images" in note
+    assert jitter_note(r, Thresholds(), {"agreement": 0.985, "images": 500}) is None
     ok = _result("onnx-int8", "int8", 0.99, 0.0)
     ok.quantization = {"fp32_input_jitter": {"agreement": 0.9, "mean_abs_dprob": 0.02}}
     decide(ok, Thresholds())

@@ -285,6 +285,23 @@ def test_int8_gate_passes_at_its_agreement_and_fails_just_above(int8_bundle):
     assert gate_json["thresholds"]["int8_max_loss_points"] == 1.0
 
 
+def test_a_failed_int8_says_how_far_fp32_itself_holds_on_the_gate_images(int8_bundle, photos):
+    """The validation-image jitter of FP32: measured on the gate's own images, named in a note only when it is the reason."""
+    from kimchi_edge.convert.gate import fp32_jitter
+
+    j = fp32_jitter(int8_bundle, photos["valid"], batch_size=16)
+    assert j["images"] == len(photos["valid"]) and len(j["agreement_per_draw"]) == 2 and 0.5 < j["agreement"] <= 1.0
+    assert fp32_jitter(int8_bundle, photos["valid"], batch_size=7) == j  # seeded, and the batch size changes nothing
+    reached = _gate(int8_bundle, 0.5).result("onnx-int8").metrics["agreement"]
+    report = _gate(int8_bundle, reached + 0.001)
+    noted = [n for n in report.notes if "validation images, the gate's own" in n]
+    if j["agreement"] < reached + 0.001:  # FP32 itself does not hold that floor here: it is named as the reason
+        assert noted and f"agrees only {j['agreement'] * 100:.1f}%" in noted[0]
+    else:
+        assert not noted
+    assert not [n for n in _gate(int8_bundle, 0.5).notes if "one grey level" in n]  # INT8 passed: nothing to explain
+
+
 def test_runtime_runs_the_cpu_int8_and_the_tensorrt_one_only_by_name(int8_bundle, tmp_path):
     import shutil
 
