@@ -54,7 +54,7 @@ from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES, loadavg, percentiles
 from . import EXTRA
 from .report import COMMAND, RESULTS_NAME
 
-PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-qdq-s8")
+PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-vnni", "ort-int8-qdq-s8")
 
 Log = Callable[[str], None]
 
@@ -537,11 +537,15 @@ def int8_artifacts(manifest: Any) -> dict[str, dict[str, Any]]:
 
 def _missing_artifact(name: str, manifest: Any) -> str:
     """Why an ONNX Runtime path cannot run on this bundle ('' when its artifact is there)."""
+    from kimchi_edge.runtime.sysinfo import VNNI_FLAGS
+
     from .worker import ORT_ARTIFACTS
 
     art = ORT_ARTIFACTS.get(name)
     if art is None or art in {a.name for a in manifest.artifacts}:
         return ""
+    if art == "onnx-int8-vnni":
+        return f"the bundle has no {art} (built only by a convert on a CPU with VNNI: {'/'.join(VNNI_FLAGS)})"
     return f"the bundle has no {art} (converted before INT8 was written per target; re-convert it)"
 
 

@@ -145,6 +145,7 @@ def _int8_words(art: Any) -> str:
 def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     import numpy as np
 
+    from kimchi_edge.runtime import sysinfo
     from kimchi_edge.runtime.manifest import read_manifest
     from kimchi_edge.runtime.preprocess import Preprocessor
 
@@ -155,6 +156,7 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     int8 = bundle / manifest.artifact("onnx-int8").file
     names = {a.name for a in manifest.artifacts}
     qdq_s8 = bundle / manifest.artifact("onnx-int8-qdq-s8").file if "onnx-int8-qdq-s8" in names else None
+    vnni = bundle / manifest.artifact("onnx-int8-vnni").file if "onnx-int8-vnni" in names and sysinfo.cpu_has_vnni() else None
     int8_what = _int8_words(manifest.artifact("onnx-int8"))
     pre = Preprocessor(spec)
     x1 = pre(Path(cfg["images"][0]).read_bytes())[None]
@@ -179,6 +181,9 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     fns[f"int8: runtime default (bundle onnx-int8, {int8_what}, ORT_ENABLE_ALL)"] = _runner(_session(int8, th), x1)
     fns["int8: onnx-int8, ORT_ENABLE_EXTENDED"] = _runner(_session(int8, th, "EXTENDED"), x1)
     fns["int8: onnx-int8, 1 intra-op thread"] = _runner(_session(int8, 1), x1)
+    if vnni is not None:
+        fns["int8: bundle onnx-int8-vnni (8-bit weights, for VNNI CPUs)"] = _runner(_session(vnni, th), x1)
+        fns["int8: onnx-int8-vnni, 1 intra-op thread"] = _runner(_session(vnni, 1), x1)
     quant: dict[str, Any] = {}
     if qdq_s8 is not None:
         fns["int8: bundle onnx-int8-qdq-s8 (TensorRT's file, s8 activations)"] = _runner(_session(qdq_s8, th), x1)
@@ -201,7 +206,8 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
     else:
         notes.append("no calibration images: the re-quantized INT8 variants were skipped")
     fused = {}
-    for label, path in ((f"bundle onnx-int8 ({int8_what})", int8), ("bundle onnx-int8-qdq-s8 (for TensorRT)", qdq_s8)):
+    for label, path in ((f"bundle onnx-int8 ({int8_what})", int8), ("bundle onnx-int8-vnni (8-bit weights, for VNNI CPUs)", vnni),
+                        ("bundle onnx-int8-qdq-s8 (for TensorRT)", qdq_s8)):
         if path:
             fused[label] = fused_ops(path)
     b1 = interleaved(fns, cfg.get("rounds", 3), cfg.get("iters", 8))
@@ -216,6 +222,11 @@ def ort_experiments(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         batch_fns[f"int8 batch {b}"] = _runner(s8, xb)
     batch_fns["fp32 batch 1"] = _runner(s32, x1)
     batch_fns["int8 batch 1"] = _runner(s8, x1)
+    if vnni is not None:
+        sv8 = _session(vnni, th)
+        for b in cfg.get("batch_sizes", [8, 32]):
+            xb = np.stack([imgs[i % len(imgs)] for i in range(b)])
+            batch_fns[f"int8-vnni batch {b}"] = _runner(sv8, xb)
     if qdq_s8 is not None:
         sq8 = _session(qdq_s8, th)
         for b in cfg.get("batch_sizes", [8, 32]):
@@ -322,6 +333,8 @@ def memory_experiments(cfg: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(bundle)
     spec = manifest.preprocessing
     models = [("fp32", bundle / manifest.artifact("onnx-fp32").file), ("int8 bundle onnx-int8", bundle / manifest.artifact("onnx-int8").file)]
+    if "onnx-int8-vnni" in {a.name for a in manifest.artifacts} and sysinfo.cpu_has_vnni():
+        models.append(("int8 bundle onnx-int8-vnni", bundle / manifest.artifact("onnx-int8-vnni").file))
     if "onnx-int8-qdq-s8" in {a.name for a in manifest.artifacts}:
         models.append(("int8 bundle onnx-int8-qdq-s8", bundle / manifest.artifact("onnx-int8-qdq-s8").file))
     out: dict[str, Any] = {}

@@ -44,6 +44,7 @@ DEFAULT_VERIFICATION_MB = 25.0
 FILES = {
     "onnx-fp32": "model.onnx",
     "onnx-int8": "model.int8.onnx",  # INT8 for ONNX Runtime on CPU (uint8 activations)
+    "onnx-int8-vnni": "model.int8-vnni.onnx",  # the same with 8-bit weights, for x86-64 CPUs with VNNI (built on one)
     "onnx-int8-qdq-s8": "model.int8-qdq-s8.onnx",  # INT8 for TensorRT (symmetric int8 QDQ)
     "torchscript": "model.torchscript.pt",
     "ort-fp32": "model.ort",
@@ -157,8 +158,8 @@ def bundle_from_run(
         out: the bundle folder (default ``RUN_DIR/bundle``); a previous bundle there is replaced only
             once the new one is complete.
         data_root: where the images of ``split.json`` are now, if they moved.
-        int8: build the INT8 QDQ ONNX models: ``onnx-int8`` for ONNX Runtime on CPU and ``onnx-int8-qdq-s8`` for
-            TensorRT (:data:`kimchi_edge.convert.int8.RECIPES`).
+        int8: build the INT8 QDQ ONNX models: ``onnx-int8`` for ONNX Runtime on CPU (``onnx-int8-vnni`` too, on a CPU
+            with VNNI) and ``onnx-int8-qdq-s8`` for TensorRT (:data:`kimchi_edge.convert.int8.RECIPES`).
         calib: number of calibration images from the training split (default ``min(200, train)``);
             an error when larger than the training split.
         calib_method: ``auto`` (each method scored on training images held back from calibration, the best kept)
@@ -358,7 +359,9 @@ def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str
         t = time.perf_counter()
         say(f"convert: INT8 calibration on {len(plan.calib_files)} training images (stratified by class; calibration "
             f"{calib_method}{', each method scored on a held-back slice' if calib_method == 'auto' else ''})")
-        built = int8_artifacts_from_onnx(tmp / FILES["onnx-fp32"], {t_: tmp / FILES[r.artifact] for t_, r in RECIPES.items()},
+        recipes = {t_: r for t_, r in RECIPES.items() if not r.unbuildable_reason()}
+        plan.notes.extend(r.unbuildable_reason() for r in RECIPES.values() if r.unbuildable_reason())
+        built = int8_artifacts_from_onnx(tmp / FILES["onnx-fp32"], {t_: tmp / FILES[r.artifact] for t_, r in recipes.items()},
                                          plan.calib_files, meta, method=calib_method, min_agreement=int8_min_agreement,
                                          batch_size=batch_size, quiet=quiet, log=say)
         for target, details in built.items():
@@ -366,7 +369,7 @@ def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str
             artifacts.append(_artifact(tmp, RECIPES[target].artifact, "onnx", "int8", onnx_input, onnx_built, details,
                                        target=target))
         seconds["int8"] = time.perf_counter() - t
-        say(f"convert: INT8 QDQ ONNX ({', '.join(r.artifact for r in RECIPES.values())}) in {seconds['int8']:.1f} s")
+        say(f"convert: INT8 QDQ ONNX ({', '.join(r.artifact for r in recipes.values())}) in {seconds['int8']:.1f} s")
 
     if ort:
         from .ort_format import ort_from_onnx

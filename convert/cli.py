@@ -70,7 +70,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by kimchi-edge train (learner.pkl, model_meta.json, split.json)")
     parser.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle; a previous bundle is replaced when the new one is complete)")
     parser.add_argument("--data", metavar="ROOT", help="where the images of split.json are now, if they moved")
-    parser.add_argument("--no-int8", action="store_true", help="do not build the INT8 ONNX models (onnx-int8 for ONNX Runtime on CPU, onnx-int8-qdq-s8 for TensorRT)")
+    parser.add_argument("--no-int8", action="store_true", help="do not build the INT8 ONNX models (onnx-int8 for ONNX Runtime on CPU, onnx-int8-vnni for CPUs with VNNI "
+                        "where convert runs on one, onnx-int8-qdq-s8 for TensorRT)")
     parser.add_argument("--calib", type=int, default=None, metavar="N",
                         help="INT8 calibration images, drawn from the training split, stratified by class (default min(200, train))")
     parser.add_argument("--calibration", "--calib-method", dest="calib_method", choices=("auto", "minmax", "entropy", "percentile"),

@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from kimchi_edge.runtime.backends import cpu_mismatch
 from kimchi_edge.runtime.classifier import softmax
 from kimchi_edge.runtime.errors import BundleError, GateFailed, KimchiEdgeError, UsageError
 from kimchi_edge.runtime.fsutil import sha256_file
@@ -380,10 +381,13 @@ def run_gate(
 
 def _environment(*, fast_decode: bool, batch_size: int, results: Sequence[ArtifactResult]) -> dict[str, Any]:
     """The machine the verdicts were obtained on: CPU, providers/engines that ran, GPU, CUDA driver, TensorRT."""
-    from kimchi_edge.runtime.sysinfo import cuda_device_facts
+    from kimchi_edge.runtime.sysinfo import VNNI_FLAGS, cpu_flags, cpu_has_vnni, cuda_device_facts
 
     env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                            "node": platform.node(), "fast_decode": fast_decode, "batch_size": batch_size}
+    if cpu_flags():  # what decides which INT8 kernels ONNX Runtime runs (sysinfo.cpu_has_vnni)
+        env["cpu_int8_dot"] = ", ".join(f for f in VNNI_FLAGS if f in cpu_flags()) if cpu_has_vnni() else \
+            ("avx2 (no VNNI)" if "avx2" in cpu_flags() else "none of avx2/" + "/".join(VNNI_FLAGS))
     env.update({k: v for k, v in cuda_device_facts().items() if v})
     env["ran_on"] = {r.name: [r.backend] if r.backend else (r.runtime.get("providers") or [r.runtime.get("backend")])[:1]
                      for r in results if r.runtime}
@@ -416,6 +420,10 @@ def _score(bundle: Path, manifest: BundleManifest, art: Artifact, ref: Reference
            **run: Any) -> ArtifactResult:
     """Run one artifact on the files, compare with the reference and decide (``skipped`` with the reason if it can't run)."""
     r = ArtifactResult(name=art.name, format=art.format, precision=art.precision, status="skipped")
+    mismatch = cpu_mismatch(art)
+    if mismatch:  # scored here it would measure saturated kernels, not what runs on the CPUs it is for
+        r.reason = mismatch
+        return r
     try:
         if art.format == "torchscript":
             probs, ips, ims, info = _run_torchscript(bundle, art, manifest, files, **run)

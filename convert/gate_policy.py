@@ -20,9 +20,11 @@ from kimchi_edge.runtime.manifest import BundleManifest
 __all__ = ["ArtifactResult", "PREFERENCE", "Thresholds", "decide", "embedded_mismatch", "recommend"]
 
 #: backend -> artifact names in order of preference (the first one that passes is recommended).  ``onnx-int8`` is the
-#: INT8 quantized for ONNX Runtime on CPU; ``onnx-int8-qdq-s8`` (for TensorRT) is gated too but only feeds INT8 engines.
+#: INT8 quantized for ONNX Runtime on CPU, ``onnx-int8-vnni`` its 8-bit-weight twin for CPUs with VNNI (the runtime
+#: passes over it to the next of its precision elsewhere); ``onnx-int8-qdq-s8`` (for TensorRT) is gated too but only
+#: feeds INT8 engines.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("onnx-int8", "onnx-fp32"),
+    "onnxruntime": ("onnx-int8-vnni", "onnx-int8", "onnx-fp32"),
     "tensorrt": ("trt-int8", "trt-fp16"),
     "torchscript": ("torchscript",),
 }

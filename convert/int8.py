@@ -4,9 +4,10 @@ Calibration images come from the *training* split (never the validation images t
 stratified by class, and go through :class:`kimchi_edge.runtime.preprocess.Preprocessor` — the same code that
 feeds the model at inference time — so the calibrated ranges are those the deployed model sees.
 
-Targets (:data:`RECIPES`): ``onnxruntime-cpu`` (``onnx-int8``: uint8 activations, int8 weights — what ONNX Runtime's
-x86-64 kernels run as integer convolutions) and ``tensorrt`` (``onnx-int8-qdq-s8``: symmetric int8 activations, the
-explicit-quantization graph TensorRT expects).  A slice of the calibration images is held back: each calibration
+Targets (:data:`RECIPES`): ``onnxruntime-cpu`` (``onnx-int8``: uint8 activations, 7-bit int8 weights — what ONNX
+Runtime's x86-64 kernels run as integer convolutions on every CPU), ``onnxruntime-cpu-vnni`` (``onnx-int8-vnni``: the
+same with full 8-bit weights, built and gated only on a CPU with VNNI-class dot products, which do not saturate) and
+``tensorrt`` (``onnx-int8-qdq-s8``: symmetric int8 activations, the explicit-quantization graph TensorRT expects).  A slice of the calibration images is held back: each calibration
 method is scored by top-1 agreement with FP32 on it, with and without bias correction (:func:`bias_correct`: each
 layer's bias absorbs the mean output shift its rounded weights cause), and the best is kept; if even that misses the agreement floor,
 the most sensitive layers stay in float (the fewest that reach it).  Everything in front of the network's first
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from kimchi_edge.runtime.fsutil import atomic_write_bytes
-from kimchi_edge.runtime.manifest import TARGET_ORT_CPU, TARGET_TENSORRT, ModelMeta
+from kimchi_edge.runtime.manifest import TARGET_ORT_CPU, TARGET_ORT_CPU_VNNI, TARGET_TENSORRT, ModelMeta
 from kimchi_edge.runtime.preprocess import Preprocessor
 
 from .errors import ConversionError
@@ -40,6 +41,7 @@ METHODS = ("minmax", "entropy", "percentile")
 #: ``--calibration``: ``auto`` = every method, the best on the held-back images
 CALIBRATION_CHOICES = ("auto",) + METHODS
 CPU_TARGET = TARGET_ORT_CPU
+VNNI_TARGET = TARGET_ORT_CPU_VNNI
 TENSORRT_TARGET = TARGET_TENSORRT
 #: held back from calibration to choose the method: this fraction of the calibration images, at least HOLDOUT_MIN
 HOLDOUT_FRACTION = 0.25
@@ -121,11 +123,23 @@ class Int8Recipe:
 
     artifact: str  # the artifact name in the manifest
     file: str  # its file in the bundle
-    target: str  # CPU_TARGET | TENSORRT_TARGET
+    target: str  # CPU_TARGET | VNNI_TARGET | TENSORRT_TARGET
     activation_type: str  # "uint8" | "int8"
     symmetric_activations: bool
     reduce_range: bool  # 7-bit weights
     why: str
+    #: built and gated only on a CPU with VNNI-class integer dot products (``sysinfo.cpu_has_vnni``), where it runs
+    needs_vnni: bool = False
+
+    def unbuildable_reason(self, vnni: bool | None = None) -> str:
+        """'' when this CPU can build and gate the recipe (``vnni``: probed when None); else why not."""
+        from kimchi_edge.runtime import sysinfo
+
+        if self.needs_vnni and not (sysinfo.cpu_has_vnni() if vnni is None else vnni):
+            return (f"{self.artifact} (INT8 for x86-64 CPUs with VNNI) not built: this CPU has no "
+                    f"{'/'.join(sysinfo.VNNI_FLAGS)}, so its gate here would measure saturated kernels; convert on such "
+                    "a CPU to get it (onnx-int8, 7-bit weights, runs everywhere)")
+        return ""
 
     def settings(self) -> dict[str, Any]:
         """The recipe in words, for the manifest."""
@@ -144,6 +158,11 @@ RECIPES: dict[str, Int8Recipe] = {
         "as integer convolutions (symmetric int8 activations left 14 of 49 convolutions of EfficientNet-Lite0 in float "
         "and ran slower than FP32); 7-bit weights because AVX2 without VNNI multiplies u8 x s8 with vpmaddubsw, whose "
         "16-bit pair sums saturate with full-range weights (ONNX Runtime's guidance; VNNI does not need it)"),
+    VNNI_TARGET: Int8Recipe(
+        "onnx-int8-vnni", "model.int8-vnni.onnx", VNNI_TARGET, "uint8", False, False,
+        "ONNX Runtime on x86-64 CPUs with AVX-512 VNNI, AVX-VNNI or AMX-INT8: the onnxruntime-cpu recipe with full 8-bit "
+        "weights, which these CPUs' 32-bit integer dot products add without saturating (half the weight rounding "
+        "error of 7 bits); picked only where the CPU has them", needs_vnni=True),
     TENSORRT_TARGET: Int8Recipe(
         "onnx-int8-qdq-s8", "model.int8-qdq-s8.onnx", TENSORRT_TARGET, "int8", True, True,
         "TensorRT explicit quantization: QDQ with symmetric int8 activations and weights (zero points 0); 7-bit weights "

@@ -167,8 +167,10 @@ def plan_triton_repository(bundle_dir: str | Path, options: TritonOptions | None
     notes: list[str] = []
     ungated: list[str] = []
 
-    onnx = choose_onnx_artifact(manifest, artifact=opts.artifact, allow_ungated=opts.allow_ungated, bundle=bundle)
-    why = ungated_reason(manifest, onnx)
+    # The server's CPU is not this one: unless named, the INT8 for VNNI CPUs is passed over for the portable one.
+    vnni = None if opts.artifact else False
+    onnx = choose_onnx_artifact(manifest, artifact=opts.artifact, allow_ungated=opts.allow_ungated, bundle=bundle, vnni=vnni)
+    why = ungated_reason(manifest, onnx, vnni=vnni)
     if why:
         ungated.append(why)
     verify_artifact(bundle, onnx)  # the bytes the gate judged, before anything reads them

@@ -137,8 +137,10 @@ class ModelMeta:
 
 #: ``Artifact.target`` values ("" = not target-specific)
 TARGET_ORT_CPU = "onnxruntime-cpu"
+#: ONNX Runtime on x86-64 CPUs with VNNI-class integer dot products (``sysinfo.cpu_has_vnni``): full 8-bit weights
+TARGET_ORT_CPU_VNNI = "onnxruntime-cpu-vnni"
 TARGET_TENSORRT = "tensorrt"
-ARTIFACT_TARGETS = ("", TARGET_ORT_CPU, TARGET_TENSORRT)
+ARTIFACT_TARGETS = ("", TARGET_ORT_CPU, TARGET_ORT_CPU_VNNI, TARGET_TENSORRT)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Facts about this machine and this process, and a few numbers every stage computes the same way.
 
 One implementation each of: the image file suffixes, latency percentiles, peak/now resident memory,
-the load average, and probing the CUDA driver (``libcuda``) with ctypes.  Used by the runtime
+the load average, the CPU's integer dot-product instructions (``/proc/cpuinfo``), and probing the CUDA driver
+(``libcuda``) with ctypes.  Used by the runtime
 (backends, ``kimchi-edge predict``/``bench``), training (dataset scan), conversion (TensorRT facts)
 and the benchmark (``kimchi_edge.bench``).
 
@@ -23,9 +24,40 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", "
 #: Names the CUDA driver library has on Linux (``.so.1`` is what the driver installs) and Windows.
 LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
 
+#: x86-64 CPU flags (Linux ``/proc/cpuinfo`` names) of integer dot products that add u8 x s8 products in 32 bits:
+#: AVX-512 VNNI, AVX-VNNI, AMX-INT8.  Without them (AVX2 alone) ONNX Runtime multiplies with ``vpmaddubsw``, whose
+#: 16-bit pair sums saturate unless the weights keep to 7 bits.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
 # CUdevice_attribute values of the CUDA driver API.
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+_CPU_FLAGS: frozenset[str] | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them (``/proc/cpuinfo``); empty elsewhere or when unreadable."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        flags: frozenset[str] = frozenset()
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith(("flags", "Features")):  # x86 / ARM
+                        flags = frozenset(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+        _CPU_FLAGS = flags
+    return _CPU_FLAGS
+
+
+def cpu_has_vnni(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU is x86-64 with VNNI-class integer dot products (:data:`VNNI_FLAGS`), where ONNX Runtime's
+    u8 x s8 convolutions do not saturate with full 8-bit weights."""
+    return bool(set(VNNI_FLAGS) & (cpu_flags() if flags is None else flags))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BackendError, BundleError, MissingDependencyError, UsageError
-from ..manifest import TARGET_ORT_CPU, Artifact, BundleManifest, verify_artifact
+from ..manifest import TARGET_ORT_CPU, TARGET_ORT_CPU_VNNI, Artifact, BundleManifest, verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,10 @@ def create_backend(
             notes.append(f"OpenVINO not used: {ov_ungated} (see {Path(str(bundle_dir)) / 'gate.md'}; "
                          f"kimchi-edge verify {bundle_dir} scores it there); using ONNX Runtime")
             log.info("%s", notes[-1])
+    rec = next((a for a in manifest.artifacts if a.name == manifest.recommended.get("onnxruntime")), None)
+    if artifact is None and rec is not None and rec.name != art.name and cpu_mismatch(rec):
+        notes.append(f"running {art.name}, not the recommended {rec.name}: {cpu_mismatch(rec)}")
+        log.info("%s", notes[-1])
     chosen_providers = gated_providers(manifest, art, providers, allow_ungated=allow_ungated, bundle=bundle_dir, notes=notes)
     ungated = ungated_reason(manifest, art)
     if ungated:
@@ -186,8 +190,29 @@ def _cuda_gpu_present() -> bool:
     return cuda_gpu_present()
 
 
-def ungated_reason(manifest: BundleManifest, art: Artifact, provider: str | None = None) -> str:
-    """'' when the accuracy gate passed ``art`` on this bundle (on ``provider`` when given); else why not, in words."""
+def cpu_mismatch(art: Artifact, vnni: bool | None = None) -> str:
+    """'' when ``art`` may run on this CPU (``vnni``: whether it has VNNI-class dot products, probed when None); else why not.
+
+    Only the INT8 file for VNNI CPUs (``onnxruntime-cpu-vnni``: full 8-bit weights) is CPU-specific: on x86 without VNNI
+    ONNX Runtime's u8 x s8 kernels saturate with those weights, so its gate verdict, measured on a VNNI CPU, says
+    nothing about what it computes here.
+    """
+    if art.target != TARGET_ORT_CPU_VNNI:
+        return ""
+    from .. import sysinfo
+
+    if sysinfo.cpu_has_vnni() if vnni is None else vnni:
+        return ""
+    return (f"{art.name} is the INT8 for x86-64 CPUs with VNNI (full 8-bit weights; flags {'/'.join(sysinfo.VNNI_FLAGS)}) "
+            "and this CPU has none, where ONNX Runtime's integer kernels saturate with those weights")
+
+
+def ungated_reason(manifest: BundleManifest, art: Artifact, provider: str | None = None, *, vnni: bool | None = None) -> str:
+    """'' when the accuracy gate passed ``art`` on this bundle (on ``provider`` when given) and it is made for this CPU
+    (:func:`cpu_mismatch`); else why not, in words."""
+    mismatch = cpu_mismatch(art, vnni)
+    if mismatch:
+        return mismatch
     gate = manifest.gate
     if gate is None:
         return f"the accuracy gate has never run on this bundle, so {art.name} is unverified"
@@ -213,14 +238,17 @@ def _refuse(reason: str, bundle: Any) -> BundleError:
 
 
 def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = None, precision: str | None = None,
-                         allow_ungated: bool = False, bundle: Any = "BUNDLE", provider: str | None = None) -> Artifact:
+                         allow_ungated: bool = False, bundle: Any = "BUNDLE", provider: str | None = None,
+                         vnni: bool | None = None) -> Artifact:
     """Pick the ONNX artifact to run: only one the accuracy gate passed, unless ``allow_ungated``.
 
     Order: the user's choice; else the manifest's recommendation; else a passing FP32, then any passing artifact
     (of ``precision`` when given).  A bundle whose FP32 artifact failed is refused: what was quantized from it can't
     be trusted either.  With ``provider`` (``"openvino"``) "passed" means passed on that provider.  Unless named, only
     files meant for a CPU runtime are candidates (:func:`runs_on_cpu_runtimes`): the INT8 QDQ made for TensorRT
-    (``target == "tensorrt"``) runs on ONNX Runtime only when asked for by name.
+    (``target == "tensorrt"``) runs on ONNX Runtime only when asked for by name.  The INT8 for VNNI CPUs runs only on a
+    CPU that has VNNI (``vnni``: probed when None; :func:`cpu_mismatch`), even when named; where it was recommended
+    and this CPU lacks VNNI, the next passing artifact of the same precision (the portable ``onnx-int8``) runs.
 
     Raises:
         BundleError: no ONNX artifact, or none that passed (one line naming gate.md and the way out).
@@ -232,43 +260,50 @@ def choose_onnx_artifact(manifest: BundleManifest, *, artifact: str | None = Non
         art = manifest.artifact(artifact)
         if art.format not in ("onnx", "ort"):
             raise UsageError(f"artifact {artifact!r} is {art.format}, not ONNX; ONNX artifacts: {[a.name for a in onnx]}")
-        reason = ungated_reason(manifest, art, provider=provider)
+        mismatch = cpu_mismatch(art, vnni)
+        if mismatch:  # not a question of the gate: allow_ungated does not make it compute the right numbers here
+            portable = [a.name for a in onnx if a.precision == art.precision and runs_on_cpu_runtimes(a) and not cpu_mismatch(a, vnni)]
+            raise UsageError(mismatch + (f"; run {portable[0]} instead" if portable else ""))
+        reason = ungated_reason(manifest, art, provider=provider, vnni=vnni)
         if reason and not allow_ungated:
             raise _refuse(reason, bundle)
         return art
     if not onnx:
         raise BundleError(f"bundle has no ONNX artifact (has {[a.name for a in manifest.artifacts]}); re-run kimchi-edge convert")
     if not named:
-        onnx = [a for a in onnx if runs_on_cpu_runtimes(a)]
+        onnx = [a for a in onnx if runs_on_cpu_runtimes(a) and not cpu_mismatch(a, vnni)]
     if precision:
         onnx = [a for a in onnx if a.precision == precision]
         if not onnx:
             raise UsageError(f"bundle has no ONNX artifact in {precision}; it has "
                              f"{[(a.name, a.precision) for a in manifest.artifacts if a.format == 'onnx']}")
     rec = manifest.recommended.get("onnxruntime")
-    ordered = sorted(onnx, key=lambda a: (a.name != rec, a.precision != "fp32"))
+    rec_precision = next((a.precision for a in manifest.artifacts if a.name == rec), "fp32")
+    # the recommendation; else what shares its precision (the portable INT8 where the VNNI one was recommended); else FP32
+    ordered = sorted(onnx, key=lambda a: (a.name != rec, a.precision != rec_precision, a.precision != "fp32"))
     fp32_failed = [a for a in onnx if a.precision == "fp32" and manifest.gate is not None
                    and (v := manifest.gate.verdict(a.name)) is not None and v.status == "fail"]
     if not allow_ungated:
         if fp32_failed:
             raise _refuse(ungated_reason(manifest, fp32_failed[0]) + "; the bundle does not classify like the learner", bundle)
         for a in ordered:
-            if not ungated_reason(manifest, a, provider=provider):
+            if not ungated_reason(manifest, a, provider=provider, vnni=vnni):
                 return a
         raise _refuse(f"no ONNX artifact of this bundle has passed the accuracy gate{f' on {provider}' if provider else ''}: "
-                      + "; ".join(ungated_reason(manifest, a, provider=provider) for a in ordered), bundle)
+                      + "; ".join(ungated_reason(manifest, a, provider=provider, vnni=vnni) for a in ordered), bundle)
     return ordered[0]
 
 
 def runs_on_cpu_runtimes(art: Artifact) -> bool:
     """Whether ``art`` is a file ONNX Runtime / OpenVINO pick by themselves.
 
-    INT8 comes in one file per target: ``onnxruntime-cpu`` (uint8 activations, int8 weights: what ONNX Runtime runs as
-    integer kernels on x86-64 and, by ONNX Runtime's guidance, also fine on ARM64) is picked on every CPU;
+    INT8 comes in one file per target: ``onnxruntime-cpu`` (uint8 activations, 7-bit int8 weights: what ONNX Runtime runs
+    as integer kernels on x86-64 and, by ONNX Runtime's guidance, also fine on ARM64) is picked on every CPU;
+    ``onnxruntime-cpu-vnni`` (the same with full 8-bit weights) too, where :func:`cpu_mismatch` lets it;
     ``tensorrt`` (symmetric int8 QDQ) is for TensorRT engines.  ``""`` (FP32, or the one INT8 file of a bundle from
     before targets existed) is picked as before; a target this runtime does not know is never picked by itself.
     """
-    return art.target in ("", TARGET_ORT_CPU)
+    return art.target in ("", TARGET_ORT_CPU, TARGET_ORT_CPU_VNNI)
 
 
 def gated_providers(manifest: BundleManifest, art: Artifact, forced: list[str] | None, *, allow_ungated: bool,

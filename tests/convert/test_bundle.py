@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kimchi_edge.runtime import BundleError, Classifier
+from kimchi_edge.runtime import BundleError, Classifier, sysinfo
 from kimchi_edge.runtime.errors import GateFailed
 from kimchi_edge.cli import main
 from kimchi_edge.runtime.fsutil import read_json, sha256_file
@@ -37,7 +37,13 @@ def test_every_artifact_passes_the_gate(built, bundle):
     assert fp32["agreement"] >= 0.995 and fp32["max_abs_dprob"] < 0.05
     manifest = read_manifest(bundle)
     assert manifest.gate.passed is True
-    assert manifest.recommended["onnxruntime"] == "onnx-int8"
+    vnni = sysinfo.cpu_has_vnni()  # the 8-bit-weight INT8 is built (and then recommended) only on a CPU with VNNI
+    assert manifest.recommended["onnxruntime"] == ("onnx-int8-vnni" if vnni else "onnx-int8")
+    if vnni:
+        assert status["onnx-int8-vnni"] == "pass"
+    else:
+        assert "onnx-int8-vnni" not in status
+        assert [n for n in built.notes if "onnx-int8-vnni (INT8 for x86-64 CPUs with VNNI) not built: this CPU has no" in n]
     gate_json = read_json(bundle / "gate.json")
     assert gate_json["passed"] is True
     md = (bundle / "gate.md").read_text(encoding="utf-8")
@@ -46,8 +52,9 @@ def test_every_artifact_passes_the_gate(built, bundle):
 
 def test_bundle_contents_and_no_leftovers(bundle):
     names = sorted(p.name for p in bundle.iterdir())
+    vnni = ["model.int8-vnni.onnx"] if sysinfo.cpu_has_vnni() else []
     assert names == sorted(["manifest.json", "model.onnx", "model.int8.onnx", "model.int8-qdq-s8.onnx", "model.torchscript.pt", "reference.json", "gate.md", "gate.json",
-                            "verification", "verification.json", "model.ort", "model.required_operators.config"])
+                            "verification", "verification.json", "model.ort", "model.required_operators.config", *vnni])
     assert not list(bundle.parent.glob(".bundle.partial-*"))
 
 

@@ -22,6 +22,7 @@ from kimchi_edge.convert.int8 import (  # noqa: E402
     METHODS,
     RECIPES,
     TENSORRT_TARGET,
+    VNNI_TARGET,
     _float_prefix_nodes,
     int8_artifacts_from_onnx,
     int8_from_onnx,
@@ -225,15 +226,17 @@ def test_normalisation_moves_in_front_of_the_layout_transpose_with_the_same_answ
 # --------------------------------------------------------------------------- the gate's INT8 floor, on a real bundle
 
 
-def make_int8_bundle(folder: Path, model: Path, photos: dict[str, list[Path]]) -> Path:
-    """FP32 + both INT8 artifacts, reference = the FP32 model's own answers on the validation photos (the 'learner')."""
+def make_int8_bundle(folder: Path, model: Path, photos: dict[str, list[Path]], *, vnni: bool = False) -> Path:
+    """FP32 + INT8 artifacts (the portable CPU and TensorRT ones; ``vnni`` adds the VNNI one), reference = the FP32
+    model's own answers on the validation photos (the 'learner')."""
     import onnxruntime as ort
 
     from kimchi_edge.runtime.preprocess import Preprocessor
 
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(model.read_bytes())
-    outs = {t: folder / r.file for t, r in RECIPES.items()}
+    recipes = {t: r for t, r in RECIPES.items() if vnni or t != VNNI_TARGET}
+    outs = {t: folder / r.file for t, r in recipes.items()}
     details = int8_artifacts_from_onnx(folder / "model.onnx", outs, photos["train"], meta(), method="minmax", quiet=True,
                                        log=lambda m: None)
 
@@ -242,7 +245,7 @@ def make_int8_bundle(folder: Path, model: Path, photos: dict[str, list[Path]]) -
                         size_bytes=(folder / file).stat().st_size, details=d or {}, target=target)
 
     arts = (art("onnx-fp32", "model.onnx", "fp32"),) + tuple(
-        art(r.artifact, r.file, "int8", t, details[t]) for t, r in RECIPES.items())
+        art(r.artifact, r.file, "int8", t, details[t]) for t, r in recipes.items())
     write_manifest(folder, BundleManifest(model=meta(), artifacts=arts, recommended={"onnxruntime": "onnx-fp32"}))
     root = photos["valid"][0].parent
     x = Preprocessor(meta().preprocessing).batch(photos["valid"])
@@ -339,3 +342,50 @@ def test_manifest_records_the_target_and_old_bundles_still_load(int8_bundle):
     bad["artifacts"][1]["target"] = 7
     with pytest.raises(BundleError, match="target"):
         manifest_from_dict(bad)
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+            and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim == 4]
+
+
+def test_the_vnni_recipe_is_the_cpu_one_with_full_8bit_weights(models, photos, tmp_path):
+    outs = {CPU_TARGET: tmp_path / "cpu.onnx", VNNI_TARGET: tmp_path / "vnni.onnx"}
+    d = int8_artifacts_from_onnx(models["plain"], outs, photos["train"], meta(), method="minmax", quiet=True, log=lambda m: None)
+    cpu, vnni = _weights(outs[CPU_TARGET]), _weights(outs[VNNI_TARGET])
+    assert cpu and len(cpu) == len(vnni)
+    assert max(int(np.abs(w.astype(int)).max()) for w in cpu) <= 64  # reduce_range: 7 bits, safe for vpmaddubsw
+    assert all(int(np.abs(w.astype(int)).max()) == 127 for w in vnni)  # per channel symmetric: each layer's peak at 127
+    assert all(z.dtype == np.uint8 for z in _zero_points(outs[VNNI_TARGET]))  # the same u8 activations as onnx-int8
+    assert d[VNNI_TARGET]["target"] == VNNI_TARGET and "7-bit" not in d[VNNI_TARGET]["weights"] and "7-bit" in d[CPU_TARGET]["weights"]
+    r = RECIPES[VNNI_TARGET]
+    assert r.artifact == "onnx-int8-vnni" and not r.unbuildable_reason(vnni=True)
+    assert "not built: this CPU has no avx512_vnni/avx_vnni/amx_int8" in r.unbuildable_reason(vnni=False)
+    assert not RECIPES[CPU_TARGET].unbuildable_reason(vnni=False)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_the_vnni_int8_is_gated_only_on_a_cpu_it_is_for(models, photos, tmp_path, monkeypatch, vnni):
+    """Scored on a CPU without VNNI it would measure saturated kernels: skipped there, saying why; where VNNI is, it is
+    gated like the others and recommended over the portable INT8 when it passes."""
+    from kimchi_edge.runtime import sysinfo
+
+    b = make_int8_bundle(tmp_path / "b", models["plain"], photos, vnni=True)
+    real = sysinfo.cpu_has_vnni()
+    monkeypatch.setattr(sysinfo, "cpu_has_vnni", lambda flags=None: vnni)
+    report = _gate(b, 0.5)
+    r = report.result("onnx-int8-vnni")
+    if vnni:
+        assert r.status in ("pass", "fail") and r.metrics
+        if real:  # its numbers mean something only where the CPU really has VNNI (elsewhere the kernels may saturate)
+            assert r.metrics["agreement"] >= 0.9 and r.status == "pass"
+            assert report.recommended["onnxruntime"] == "onnx-int8-vnni"
+    else:
+        assert r.status == "skipped" and "this CPU has none" in r.reason
+        assert report.recommended["onnxruntime"] in ("onnx-int8", "onnx-fp32")
+        assert any(n.startswith("onnx-int8-vnni not scored here: ") for n in report.notes)

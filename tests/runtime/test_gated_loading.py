@@ -119,3 +119,35 @@ def test_health_says_ungated_in_words(ungated_color_bundle):
         assert health["gated"] is False and health["warning"].startswith("UNGATED: the accuracy gate has never run")
         meta = client.get("/metadata").json()
         assert meta["gated"] is False and meta["gate_in_words"] == ["the accuracy gate has never run on this bundle"]
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_for_vnni_cpus_runs_only_on_one(color_bundle, tmp_path, monkeypatch, vnni):
+    """The 8-bit-weight INT8 is recommended where it passed, but runs only on a CPU with VNNI; elsewhere the portable
+    INT8 (same precision, not FP32) takes its place, and naming it is refused in one line that names the way out."""
+    from kimchi_edge.runtime import sysinfo
+
+    monkeypatch.setattr(sysinfo, "cpu_has_vnni", lambda flags=None: vnni)  # the CPU probe; the kernels' side: test_int8_kernels
+    b = with_verdicts(color_bundle, tmp_path / "b", {"onnx-fp32": PASS_CPU, "onnx-int8": PASS_CPU, "onnx-int8-vnni": PASS_CPU},
+                      recommended={"onnxruntime": "onnx-int8-vnni"})
+    m = read_manifest(b)
+    shutil.copy(b / "model.onnx", b / "model.int8-vnni.onnx")
+    cpu = dataclasses.replace(m.artifact("onnx-int8"), target="onnxruntime-cpu")
+    vnni_art = dataclasses.replace(cpu, name="onnx-int8-vnni", file="model.int8-vnni.onnx", target="onnxruntime-cpu-vnni")
+    write_manifest(b, m.replace(artifacts=tuple(a for a in m.artifacts if a.name != "onnx-int8") + (cpu, vnni_art)))
+    with Classifier.from_bundle(b, backend="onnxruntime") as clf:
+        assert clf.info["artifact"] == ("onnx-int8-vnni" if vnni else "onnx-int8")
+        said = [n for n in clf.notes if "not the recommended onnx-int8-vnni" in n]
+        assert bool(said) != vnni  # where it is passed over, the user is told why
+    if vnni:
+        with Classifier.from_bundle(b, backend="onnxruntime", artifact="onnx-int8-vnni") as clf:
+            assert clf.info["artifact"] == "onnx-int8-vnni"
+    else:
+        for allow in (False, True):  # not a gate question: allow_ungated does not make it compute the right numbers here
+            with pytest.raises(UsageError, match=r"onnx-int8-vnni is the INT8 for x86-64 CPUs with VNNI .* this CPU has none.*; run onnx-int8 instead$"):
+                Classifier.from_bundle(b, backend="onnxruntime", artifact="onnx-int8-vnni", allow_ungated=allow)
+        portable = read_manifest(b)  # the portable INT8 failed: FP32 runs, never the VNNI file
+        write_manifest(b, portable.replace(gate=dataclasses.replace(
+            portable.gate, artifacts={**portable.gate.artifacts, "onnx-int8": GateVerdict("fail", "agreement 95.00% < 98%")})))
+        with Classifier.from_bundle(b, backend="onnxruntime") as clf:
+            assert clf.info["artifact"] == "onnx-fp32"
