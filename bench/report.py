@@ -309,7 +309,10 @@ def summary(results: dict[str, Any]) -> list[str]:
                 other = ex["ort"]["batch1"]["machine"].get("cores_used_by_other_processes")
                 out.append(f"`{k.split(': ', 1)[1]}` took {ms[k]['p50'] / fp_def['p50']:.2f}x the time of the {results['threads']}-thread "
                            f"default while other processes used {f(other, 1)} CPUs: threads that spin, or wait for a descheduled "
-                           "sibling, lose on a shared CPU; on an idle CPU the default is expected to win (not measured here)")
+                           "sibling, lose on a shared CPU — here every variant's session keeps its own thread pool in one process, "
+                           "so this bounds what the setting does for the runtime's one session rather than measuring it (the "
+                           "batch-1 paths, one session per process, are the figures to use); on an idle CPU the default is "
+                           "expected to win (not measured here)")
     for name in ("ort-fp32",):
         r = _ok(paths, name)
         if r and "phone" in r:

@@ -231,19 +231,37 @@ def fp32_jitter(bundle: Path, files: list[Path], *, batch_size: int = 16, thread
                                 allow_ungated=True) as clf:
         rngs = [np.random.default_rng(seed) for seed in range(draws)]
         same = np.zeros(draws)
+        flipped: list[int] = []  # images whose label moved in at least one draw
         steps = np.array([-1.0, 0.0, 0.0, 1.0], dtype=np.float32)
         bar = progress(total=len(files), desc="gate FP32 jitter", quiet=quiet, unit="img")
         for start in range(0, len(files), batch_size):
             x = clf.preprocessor.batch(files[start : start + batch_size])
             ref = clf.infer_array(x).argmax(1)
+            moved_any = np.zeros(len(x), dtype=bool)
             for d, rng in enumerate(rngs):
                 moved = np.clip(x.astype(np.float32) + rng.choice(steps, size=x.shape), 0, 255).astype(x.dtype)
-                same[d] += int((clf.infer_array(moved).argmax(1) == ref).sum())
+                kept = clf.infer_array(moved).argmax(1) == ref
+                same[d] += int(kept.sum())
+                moved_any |= ~kept
+            flipped.extend(start + int(i) for i in np.flatnonzero(moved_any))
             bar.update(len(x))
         bar.close()
     agree = same / max(len(files), 1)
     return {"agreement": round(float(agree.mean()), 6), "agreement_per_draw": [round(float(a), 6) for a in agree],
-            "images": len(files), "draws": draws, "split": "validation (the gate's images)"}
+            "images": len(files), "draws": draws, "split": "validation (the gate's images)", "flipped": flipped}
+
+
+def split_by_stability(valid_jitter: Mapping[str, Any], agree: np.ndarray) -> dict[str, Any]:
+    """An artifact's per-image agreement ``agree`` (bool, the gate's images in order) split by whether ``onnx-fp32``
+    kept its label under every jitter draw of :func:`fp32_jitter` ("stable") or moved in one ("flipped")."""
+    flipped = np.zeros(len(agree), dtype=bool)
+    flipped[[i for i in valid_jitter.get("flipped", []) if i < len(agree)]] = True
+
+    def part(mask: np.ndarray) -> float | None:
+        return round(float(agree[mask].mean()), 6) if mask.any() else None
+
+    return {"stable_images": int((~flipped).sum()), "agreement_on_stable": part(~flipped),
+            "flipped_images": int(flipped.sum()), "agreement_on_flipped": part(flipped), "draws": valid_jitter.get("draws")}
 
 
 def _run_torchscript(bundle: Path, art: Artifact, manifest: BundleManifest, files: list[Path], *, batch_size: int, threads: int | None, fast_decode: bool, quiet: bool) -> tuple[np.ndarray, float, float, dict]:
@@ -337,7 +355,8 @@ def run_gate(
     chosen = _chosen_artifacts(bundle, manifest, artifacts)
     run = dict(batch_size=batch_size, threads=threads, quiet=quiet)
 
-    results = [_score(bundle, manifest, manifest.artifact(name), ref, files, thresholds, fast_decode=fast_decode, **run)
+    per_image: dict[str, np.ndarray] = {}
+    results = [_score(bundle, manifest, manifest.artifact(name), ref, files, thresholds, per_image, fast_decode=fast_decode, **run)
                for name in chosen]
     jpeg = any(f.suffix.lower() in (".jpg", ".jpeg") for f in files)
     info_rows = []
@@ -355,6 +374,9 @@ def run_gate(
     if failed_int8 and any(a.name == "onnx-fp32" for a in manifest.artifacts):
         # why INT8 missed: how far the FP32 model itself holds on these very images under a one-grey-level jitter
         valid_jitter = fp32_jitter(bundle, files, batch_size=batch_size, threads=threads, quiet=quiet)
+        for r in failed_int8:  # where its misses are: on images FP32 answers stably, or on those one grey level flips
+            if r.name in per_image:
+                r.quantization = {**(r.quantization or {}), "valid_jitter": split_by_stability(valid_jitter, per_image[r.name])}
     else:
         valid_jitter = None
     notes.extend(n for n in (jitter_note(r, thresholds, valid_jitter) for r in results) if n)
@@ -417,8 +439,11 @@ def _reference_summary(ref: Reference) -> dict[str, Any]:
 
 
 def _score(bundle: Path, manifest: BundleManifest, art: Artifact, ref: Reference, files: list[Path], thresholds: Thresholds,
-           **run: Any) -> ArtifactResult:
-    """Run one artifact on the files, compare with the reference and decide (``skipped`` with the reason if it can't run)."""
+           agreement: dict[str, np.ndarray] | None = None, **run: Any) -> ArtifactResult:
+    """Run one artifact on the files, compare with the reference and decide (``skipped`` with the reason if it can't run).
+
+    ``agreement`` (when given) receives the artifact's per-image top-1 agreement with the reference.
+    """
     r = ArtifactResult(name=art.name, format=art.format, precision=art.precision, status="skipped")
     mismatch = cpu_mismatch(art)
     if mismatch:  # scored here it would measure saturated kernels, not what runs on the CPUs it is for
@@ -435,6 +460,8 @@ def _score(bundle: Path, manifest: BundleManifest, art: Artifact, ref: Reference
         r.reason = str(exc)
         return r
     r.metrics = compare(ref.probabilities, probs, ref.targets, ref.labels)
+    if agreement is not None:
+        agreement[art.name] = np.asarray(probs).argmax(1) == ref.probabilities.argmax(1)
     metadata = info.pop("_metadata", None)
     if metadata is not None:
         mismatch = embedded_mismatch(metadata, manifest)

@@ -122,15 +122,22 @@ def jitter_note(r: ArtifactResult, t: Thresholds, valid_jitter: Mapping[str, Any
         seen.append((valid_jitter["agreement"], f"{valid_jitter.get('images', '?')} validation images, the gate's own"))
     if "agreement" in j:
         seen.append((j["agreement"], f"{j.get('images', '?')} training images"))
+    split = (r.quantization or {}).get("valid_jitter") or {}
+    where_misses = ""
+    if split.get("agreement_on_stable") is not None and split.get("agreement_on_flipped") is not None:
+        where_misses = (f"; {r.name} agrees on {split['agreement_on_stable'] * 100:.1f}% of the {split['stable_images']} images "
+                        f"whose FP32 answer no jitter draw moved and on {split['agreement_on_flipped'] * 100:.1f}% of the "
+                        f"{split['flipped_images']} it moved")
     below = [a for a in seen if a[0] < t.int8_min_agreement - 1e-12]
     if not below:
-        return None
+        return (f"{r.name}: the FP32 model holds the {t.int8_min_agreement * 100:g}% INT8 floor under one grey level of input "
+                f"jitter{where_misses}: the quantization is what misses it") if where_misses else None
     agreement, where = below[0]
     return (f"{r.name}: the FP32 model itself agrees only {agreement * 100:.1f}% with its own answers when each input pixel "
             f"moves by one grey level ({where}), below the "
-            f"{t.int8_min_agreement * 100:g}% INT8 floor: post-training INT8, which rounds every activation far more coarsely, "
-            "cannot be expected to reach it with this model; a better-trained model (more epochs or data, augmentation) "
-            "or quantization-aware training is the fix, and FP32 stays the recommended artifact meanwhile")
+            f"{t.int8_min_agreement * 100:g}% INT8 floor{where_misses}: post-training INT8, which rounds every activation far "
+            "more coarsely, cannot be expected to reach it with this model; a better-trained model (more epochs or data, "
+            "augmentation) or quantization-aware training is the fix, and FP32 stays the recommended artifact meanwhile")
 
 
 def decide(r: ArtifactResult, t: Thresholds) -> None:

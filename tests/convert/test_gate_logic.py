@@ -87,6 +87,20 @@ def test_a_model_too_sensitive_for_int8_is_named_as_the_reason():
     note = jitter_note(r, Thresholds(), {"agreement": 0.97, "images": 500})
     assert note and "agrees only 97.0%" in note and "500 validation images" in note
     assert jitter_note(r, Thresholds(), {"agreement": 0.985, "images": 500}) is None
+    # where the misses are: split by whether FP32's own answer moved under the jitter
+    from kimchi_edge.convert.gate import split_by_stability
+
+    agree = np.ones(10, dtype=bool)
+    agree[[1, 7, 8]] = False  # misses on two of the three images the jitter moved, one of the seven it did not
+    split = split_by_stability({"flipped": [7, 8, 9], "draws": 2}, agree)
+    assert split == {"stable_images": 7, "agreement_on_stable": pytest.approx(6 / 7), "flipped_images": 3,
+                     "agreement_on_flipped": pytest.approx(1 / 3), "draws": 2}
+    assert split_by_stability({"flipped": [], "draws": 2}, agree)["agreement_on_flipped"] is None
+    r.quantization["valid_jitter"] = split
+    note = jitter_note(r, Thresholds(), {"agreement": 0.97, "images": 500})
+    assert "agrees on 85.7% of the 7 images whose FP32 answer no jitter draw moved and on 33.3% of the 3 it moved" in note
+    note = jitter_note(r, Thresholds(), {"agreement": 0.985, "images": 500})  # FP32 holds the floor: INT8's own misses
+    assert note and "holds the 98% INT8 floor" in note and "the quantization is what misses it" in note
     ok = _result("onnx-int8", "int8", 0.99, 0.0)
     ok.quantization = {"fp32_input_jitter": {"agreement": 0.9, "mean_abs_dprob": 0.02}}
     decide(ok, Thresholds())
