@@ -160,8 +160,9 @@ class Artifact:
     input: str = "uint8-nhwc"
     built_with: Mapping[str, str] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
-    #: the engine an INT8 ONNX file was quantized for: "onnxruntime-cpu" (uint8 activations) or "tensorrt"
-    #: (symmetric int8 QDQ); "" for everything else and for INT8 files of bundles written before targets existed.
+    #: the engine an INT8 ONNX file was quantized for: "onnxruntime-cpu" (uint8 activations), "onnxruntime-cpu-vnni"
+    #: (the same with 8-bit weights, x86-64 CPUs with VNNI only) or "tensorrt" (symmetric int8 QDQ); "" for everything
+    #: else and for INT8 files of bundles written before targets existed.
     #: A value this runtime does not know is kept and never chosen automatically.
     target: str = ""
 
