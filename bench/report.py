@@ -44,8 +44,6 @@ LEGACY_TITLES = {**TITLES, "ort-int8": "ONNX Runtime INT8, bundle's QDQ s8 (`run
                  "ort-int8-u8": "ONNX Runtime INT8, QDQ u8 re-quantized here (`runtime.Classifier`)"}
 LEGACY_SHORT = {**SHORT, "ort-int8": "ORT INT8 (bundle, s8)", "ort-int8-u8": "ORT INT8 (u8, re-quantized)"}
 LEGACY_RUNTIME_PATHS = ("ort-fp32", "ort-int8", "ort-int8-u8")
-#: runtime path -> the bundle artifact it runs
-ORT_FILES = {"ort-fp32": "onnx-fp32", "ort-int8": "onnx-int8", "ort-int8-vnni": "onnx-int8-vnni", "ort-int8-qdq-s8": "onnx-int8-qdq-s8"}
 
 
 def _legacy(results: dict[str, Any]) -> bool:
@@ -616,10 +614,12 @@ def peak_explanation(results: dict[str, Any]) -> str:
 
 def int8_speed_goal(results: dict[str, Any]) -> dict[str, Any] | None:
     """The goal 'the bundle's INT8 for ONNX Runtime on CPU infers >= 2x faster than its FP32', with the profile's reason."""
+    from .worker import ORT_ARTIFACTS
+
     paths = results["paths"]
     # the INT8 the runtime runs here: the VNNI file where it was built and measured, else the portable one
     path = "ort-int8-vnni" if _ok(paths, "ort-int8-vnni") else "ort-int8"
-    art = ORT_FILES[path]
+    art = ORT_ARTIFACTS[path]
     r8, r32 = _ok(paths, path), _ok(paths, "ort-fp32")
     if _legacy(results) or not r8 or not r32:
         return None

@@ -31,8 +31,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-vnni", "ort-int8-qdq-s8")
-#: ONNX Runtime path -> the bundle's artifact it runs (``onnx-int8``: the INT8 for ONNX Runtime on CPU;
-#: ``onnx-int8-qdq-s8``: the symmetric INT8 QDQ made for TensorRT, run on ONNX Runtime's CPU kernels for comparison)
+#: ONNX Runtime path -> the bundle's artifact it runs (``onnx-int8``: the INT8 for ONNX Runtime on CPU; ``onnx-int8-vnni``:
+#: the same with 8-bit weights, built on CPUs with VNNI; ``onnx-int8-qdq-s8``: the symmetric INT8 QDQ made for TensorRT,
+#: run on ONNX Runtime's CPU kernels for comparison)
 ORT_ARTIFACTS = {"ort-fp32": "onnx-fp32", "ort-int8": "onnx-int8", "ort-int8-vnni": "onnx-int8-vnni", "ort-int8-qdq-s8": "onnx-int8-qdq-s8"}
 
 

@@ -359,8 +359,9 @@ def _write_artifacts(learn: Any, tmp: Path, plan: _Plan, versions: dict[str, str
         t = time.perf_counter()
         say(f"convert: INT8 calibration on {len(plan.calib_files)} training images (stratified by class; calibration "
             f"{calib_method}{', each method scored on a held-back slice' if calib_method == 'auto' else ''})")
-        recipes = {t_: r for t_, r in RECIPES.items() if not r.unbuildable_reason()}
-        plan.notes.extend(r.unbuildable_reason() for r in RECIPES.values() if r.unbuildable_reason())
+        unbuilt = {t_: why for t_, r in RECIPES.items() if (why := r.unbuildable_reason())}
+        recipes = {t_: r for t_, r in RECIPES.items() if t_ not in unbuilt}
+        plan.notes.extend(unbuilt.values())
         built = int8_artifacts_from_onnx(tmp / FILES["onnx-fp32"], {t_: tmp / FILES[r.artifact] for t_, r in recipes.items()},
                                          plan.calib_files, meta, method=calib_method, min_agreement=int8_min_agreement,
                                          batch_size=batch_size, quiet=quiet, log=say)

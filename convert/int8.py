@@ -7,10 +7,11 @@ feeds the model at inference time — so the calibrated ranges are those the dep
 Targets (:data:`RECIPES`): ``onnxruntime-cpu`` (``onnx-int8``: uint8 activations, 7-bit int8 weights — what ONNX
 Runtime's x86-64 kernels run as integer convolutions on every CPU), ``onnxruntime-cpu-vnni`` (``onnx-int8-vnni``: the
 same with full 8-bit weights, built and gated only on a CPU with VNNI-class dot products, which do not saturate) and
-``tensorrt`` (``onnx-int8-qdq-s8``: symmetric int8 activations, the explicit-quantization graph TensorRT expects).  A slice of the calibration images is held back: each calibration
-method is scored by top-1 agreement with FP32 on it, with and without bias correction (:func:`bias_correct`: each
-layer's bias absorbs the mean output shift its rounded weights cause), and the best is kept; if even that misses the agreement floor,
-the most sensitive layers stay in float (the fewest that reach it).  Everything in front of the network's first
+``tensorrt`` (``onnx-int8-qdq-s8``: symmetric int8 activations, the explicit-quantization graph TensorRT expects).
+A slice of the calibration images is held back: each calibration method is scored by top-1 agreement with FP32 on
+it, with and without bias correction (:func:`bias_correct`: each layer's bias absorbs the mean output shift its rounded
+weights cause), and the best is kept; if even that misses the agreement floor, the most sensitive layers stay in float
+(the fewest that reach it).  Everything in front of the network's first
 Conv/MatMul/Gemm (cast, resample, normalisation, layout) stays in float.
 """
 
@@ -137,8 +138,8 @@ class Int8Recipe:
 
         if self.needs_vnni and not (sysinfo.cpu_has_vnni() if vnni is None else vnni):
             return (f"{self.artifact} (INT8 for x86-64 CPUs with VNNI) not built: this CPU has no "
-                    f"{'/'.join(sysinfo.VNNI_FLAGS)}, so its gate here would measure saturated kernels; convert on such "
-                    "a CPU to get it (onnx-int8, 7-bit weights, runs everywhere)")
+                    f"{'/'.join(sysinfo.VNNI_FLAGS)}, so its gate here would measure saturated kernels (onnx-int8, "
+                    "7-bit weights, is built and runs everywhere; convert on such a CPU to get this one too)")
         return ""
 
     def settings(self) -> dict[str, Any]:
