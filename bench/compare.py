@@ -53,8 +53,7 @@ from kimchi_edge.runtime.sysinfo import IMAGE_SUFFIXES, loadavg, percentiles
 
 from . import EXTRA
 from .report import COMMAND, RESULTS_NAME
-
-PATHS = ("fastai", "torch-eager", "torchscript", "ort-fp32", "ort-int8", "ort-int8-vnni", "ort-int8-qdq-s8")
+from .worker import PATHS  # the paths the worker can run (one list for both)
 
 Log = Callable[[str], None]
 

@@ -486,7 +486,6 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
 
     candidates: dict[str, dict[str, Any]] = {}
     paths: dict[tuple[str, bool], Path] = {}
-    corrected_layers = 0
     for m in methods:
         path = ws.tmp / f"{recipe.target}.{m}.onnx"
         ws.quantize(recipe, m, path)
@@ -494,8 +493,7 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
         candidates[m] = ws.score(path)
         if ws.holdout is not None:  # bias correction is a candidate too, judged on the same held-back images
             paths[m, True] = ws.tmp / f"{recipe.target}.{m}.bc.onnx"
-            corrected_layers = ws.bias_corrected(path, paths[m, True])
-            candidates[m]["bias_correction"] = {"layers": corrected_layers, **ws.score(paths[m, True])}
+            candidates[m]["bias_correction"] = {"layers": ws.bias_corrected(path, paths[m, True]), **ws.score(paths[m, True])}
 
     def rank(key: tuple[str, bool]) -> tuple[float, float]:
         c = candidates[key[0]].get("bias_correction", {}) if key[1] else candidates[key[0]]
@@ -529,7 +527,7 @@ def _build_target(ws: _Workspace, recipe: Int8Recipe, methods: Sequence[str], ou
         **recipe.settings(),
         "calibration_method": best,
         "bias_correction": bc,
-        "bias_corrected_layers": corrected_layers if bc else 0,
+        "bias_corrected_layers": candidates[best]["bias_correction"]["layers"] if bc else 0,  # the chosen method's
         "calibration_images": len(ws.calib),
         "calibration_split": "train",
         "calibration_candidates": candidates,
